@@ -1,0 +1,1 @@
+"""kmoe data preparation: sources, cleaning steps, tokenizer training and Megatron token shards."""

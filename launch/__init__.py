@@ -1,0 +1,1 @@
+"""kmoe launch: SLURM job rendering and submission."""

@@ -1,0 +1,1 @@
+"""kmoe quantization: serving artifacts (GPTQ, GGUF, bitsandbytes) with measured quality and provenance."""

@@ -1,0 +1,201 @@
+"""RunConfig: the one typed config tree of a training run, loaded from YAML, validated before any compute."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from kmoe import configtree
+from kmoe.configtree import ConfigError
+from kmoe.hashing import sha256_json
+from model.config import ModelConfig, validate_model
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # output directory of `kmoe data build` (holds manifest.json)
+    blend: dict[str, float] = field(default_factory=dict)  # language -> weight; {} = token shares
+    seq_len: int = 256
+    split: str = "98,1,1"  # train/valid/test documents, as megatron's GPTDataset reads it
+    tokenizer: str = ""  # tokenizer directory; default: the one recorded in the shard manifest
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    steps: int = 200
+    global_batch_size: int = 16  # sequences per optimizer step, across all ranks
+    micro_batch_size: int = 4  # sequences per forward/backward on one rank
+    lr: float = 3e-4
+    min_lr: float = 3e-5
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # WSD: share of steps spent decaying at the end
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    eval_every: int = 50
+    eval_batches: int = 4
+    spike_threshold: float = 0.0  # loss > threshold x running mean triggers spike_policy; 0 disables
+    spike_policy: Literal["skip", "rollback"] = "skip"
+    activation_checkpointing: bool = False
+    compile: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"  # auto: single for 1 rank, else ddp
+    tensor_parallel: int = 1
+    expert_parallel: int = 1
+    pipeline_parallel: int = 1
+
+
+@dataclass
+class EngineConfig:
+    name: Literal["native", "megatron", "deepspeed"] = "native"
+    zero_stage: int = 1  # deepspeed only
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 50
+    keep_last: int = 3
+    keep_every: int = 0  # also keep every K-th step forever; 0 disables
+
+
+@dataclass
+class LogConfig:
+    every: int = 10
+    wandb: bool = True
+    wandb_project: str = "kmoe"
+    wandb_mode: Literal["offline", "online", "disabled"] = "offline"
+    peak_flops: float = 0.0  # per device; 0 = look up from the device name where known
+
+
+@dataclass
+class LaunchConfig:
+    nodes: int = 1
+    gpus_per_node: int = 8
+    partition: str = ""
+    account: str = ""
+    time: str = "24:00:00"
+    requeue: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "kmoe-run"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    launch: LaunchConfig = field(default_factory=LaunchConfig)
+
+
+def _resolve_includes(data: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A section given as a path to a YAML file is read from that file (relative to the including file)."""
+    out = dict(data)
+    for key, value in data.items():
+        if (
+            isinstance(value, str)
+            and value.endswith((".yaml", ".yml"))
+            and key in RunConfig.__dataclass_fields__
+        ):
+            path = Path(value) if Path(value).is_absolute() else base / value
+            if not path.is_file():
+                raise ConfigError(f"{key}: included file not found: {path}")
+            out[key] = configtree.read_yaml(path)
+    return out
+
+
+def load_run_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Load a run config (or a bare model config) from YAML, apply `--set` overrides, validate."""
+    data: dict[str, Any] = {}
+    if path:
+        data = configtree.read_yaml(path)
+        if "model" not in data and set(data) <= set(ModelConfig.__dataclass_fields__):
+            data = {"model": data}  # a file of configs/model/ alone
+        data = _resolve_includes(data, Path(path).parent)
+    data = configtree.apply_overrides(data, list(overrides or []))
+    try:
+        cfg = configtree.from_dict(RunConfig, data)
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+    return cfg
+
+
+def validate(cfg: RunConfig, world_size: int | None = None) -> None:
+    """Every cross-field check of a run, in one place; raises ConfigError naming the key."""
+    validate_model(cfg.model)
+    m, t, p = cfg.model, cfg.train, cfg.parallel
+    for key in ("steps", "global_batch_size", "micro_batch_size"):
+        if getattr(t, key) <= 0:
+            raise ConfigError(f"train.{key}: must be positive, got {getattr(t, key)}")
+    if t.lr <= 0 or t.min_lr < 0 or t.min_lr > t.lr:
+        raise ConfigError(f"train.lr/min_lr: need 0 <= min_lr <= lr and lr > 0, got {t.lr}/{t.min_lr}")
+    if not 0 <= t.warmup_steps <= t.steps:
+        raise ConfigError(f"train.warmup_steps: {t.warmup_steps} is outside 0..train.steps ({t.steps})")
+    if not 0 < t.decay_fraction <= 1:
+        raise ConfigError(f"train.decay_fraction: must be in (0, 1], got {t.decay_fraction}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise ConfigError(
+            f"train.global_batch_size: {t.global_batch_size} is not a multiple of "
+            f"train.micro_batch_size {t.micro_batch_size}"
+        )
+    if cfg.data.seq_len <= 0 or cfg.data.seq_len > m.max_seq_len:
+        raise ConfigError(
+            f"data.seq_len: {cfg.data.seq_len} must be in 1..model.max_seq_len ({m.max_seq_len})"
+        )
+    for lang, w in cfg.data.blend.items():
+        if w < 0:
+            raise ConfigError(f"data.blend.{lang}: weight must be >= 0, got {w}")
+    for key in ("tensor_parallel", "expert_parallel", "pipeline_parallel"):
+        if getattr(p, key) < 1:
+            raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(p, key)}")
+    if m.num_experts % p.expert_parallel:
+        raise ConfigError(
+            f"parallel.expert_parallel: model.num_experts {m.num_experts} is not divisible by "
+            f"expert_parallel {p.expert_parallel}"
+        )
+    if m.num_heads % p.tensor_parallel or m.num_kv_heads % p.tensor_parallel:
+        raise ConfigError(
+            f"parallel.tensor_parallel: {p.tensor_parallel} must divide model.num_heads ({m.num_heads}) "
+            f"and model.num_kv_heads ({m.num_kv_heads})"
+        )
+    if m.num_layers % p.pipeline_parallel:
+        raise ConfigError(
+            f"parallel.pipeline_parallel: {p.pipeline_parallel} does not divide model.num_layers {m.num_layers}"
+        )
+    if cfg.engine.name == "native" and (p.tensor_parallel > 1 or p.pipeline_parallel > 1):
+        raise ConfigError("parallel.tensor_parallel/pipeline_parallel: the native engine does DP/FSDP only")
+    if world_size is not None:
+        model_par = p.tensor_parallel * p.pipeline_parallel
+        if world_size % model_par:
+            raise ConfigError(f"parallel: world size {world_size} is not divisible by TP x PP = {model_par}")
+        dp = world_size // model_par
+        if t.global_batch_size % (t.micro_batch_size * dp):
+            raise ConfigError(
+                f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x "
+                f"data-parallel size ({t.micro_batch_size} x {dp})"
+            )
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
+        raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
+    if cfg.log.every <= 0:
+        raise ConfigError(f"log.every: must be positive, got {cfg.log.every}")
+
+
+def config_dict(cfg: RunConfig) -> dict[str, Any]:
+    return configtree.to_dict(cfg)
+
+
+def config_hash(cfg: RunConfig) -> str:
+    """sha256 of the canonical JSON of the resolved config (what the ledger records)."""
+    return sha256_json(config_dict(cfg))
