@@ -2,6 +2,9 @@
 #   make demo   create .venv, install pinned deps, run every pipeline stage on real data on CPU
 #   make test   same install, then lint (make check) and the test suite
 SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -c
+# pip warns about index folders that this machine's pip config names but lacks; drop that noise only.
+QUIET := 2>&1 | { grep -v "is ignored" || true; }
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -16,11 +19,11 @@ export TOKENIZERS_PARALLELISM := false
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -r requirements.txt -c constraints.txt 2>&1 | grep -v "is ignored" || true
-	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8 -c constraints.txt 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q --disable-pip-version-check --upgrade pip $(QUIET)
+	$(PY) -m pip install -q torch==2.13.0 -c constraints.txt $(QUIET)
+	$(PY) -m pip install -q -r requirements.txt -c constraints.txt $(QUIET)
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8 -c constraints.txt $(QUIET)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e . $(QUIET)
 	$(PY) -c "import torch, megatron.core, transformers, deepspeed, sentencepiece, kmoe; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $@
 
