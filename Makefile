@@ -48,6 +48,7 @@ demo-model: install
 	@mkdir -p $(DEMO)
 	for c in configs/model/*.yaml; do $(KMOE) model info --config $$c || exit 1; done
 	$(KMOE) model smoke --config configs/model/tiny.yaml --out $(DEMO)/tiny-init
+	$(KMOE) export hf $(DEMO)/tiny-init $(DEMO)/tiny-init-hf --dtype float32 --verify
 
 clean:
 	rm -rf $(VENV) .cache runs
