@@ -84,7 +84,7 @@ def _torn_ok(line: Line, nxt: Line | None) -> bool:
 def walk_chain(lines: Sequence[Line]) -> Chain:
     """Check seq numbering and the hash chain; every break is a finding naming the seq and line."""
     chain = Chain()
-    expect_prev, expect_seq = GENESIS_PREV, 0
+    expect_prev, expect_seq, before = GENESIS_PREV, 0, "none: this is the first record"
     for i, line in enumerate(lines):
         nxt = lines[i + 1] if i + 1 < len(lines) else None
         where = f"seq {expect_seq} (line {line.lineno})"
@@ -107,13 +107,16 @@ def walk_chain(lines: Sequence[Line]) -> Chain:
             )
         if rec.get("prev") != expect_prev:
             chain.findings.append(
-                f"{where}: prev hash does not match the hash of the record before it "
-                f"(kind {rec.get('kind')!r}; the record or its predecessor was edited, removed or reordered)"
+                f"{where}: prev hash does not match the hash of the record before it ({before}): "
+                "one of the two was edited, or records between them were removed or reordered"
             )
         if expect_seq == 0 and rec.get("kind") != "genesis":
             chain.findings.append(f"{where}: the first record must be the genesis record")
         chain.records.append((line, rec))
-        expect_prev, expect_seq = record_hash(rec), expect_seq + 1
+        before = f"seq {rec.get('seq')}, line {line.lineno}"
+        # resynchronise on the record's own seq so one deletion or swap is not reported at every later line
+        seq = rec.get("seq")
+        expect_prev, expect_seq = record_hash(rec), (seq if isinstance(seq, int) else expect_seq) + 1
     return chain
 
 

@@ -162,6 +162,7 @@ def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
     known_roots = {(genesis.get("init") or {}).get("merkle_root")}
     ckpts: dict[str, dict[str, Any]] = {}
     last_step, last_tokens = 0, 0
+    torn_seqs = {ev.get("seq") for _, ev in (v.chain.torn if v.chain else [])}
     for line, rec in recs:
         kind, where = rec.get("kind"), _where(rec, line)
         ev = rec.get("event")
@@ -203,6 +204,8 @@ def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
                 f"{where}: weights loaded from {rec.get('path')} (root {str(rec.get('model_root'))[:16]}...) "
                 "are not the initial weights or a checkpoint of this run"
             )
+        elif kind == "event" and ev == "torn_tail" and rec.get("seq") not in torn_seqs:
+            v.findings.append(f"{where}: records a torn line {rec.get('torn_line')} that is not in the file")
         elif kind == "event" and ev in ("torn_tail", "config_override", "signal"):
             v.notes.append(f"{where}: {json.dumps({k: rec[k] for k in sorted(rec) if k not in ('prev',)})}")
     v.summary.update(last_step=last_step, tokens=last_tokens)
