@@ -21,7 +21,6 @@ from training.audit import minirun
 from training.ledger import SIG_DOMAIN, default_key_path
 from training.ledger_chain import LEDGER_FILE, read_lines
 
-
 TORN = b'{"batch_hash":"ab12","kind":"st'
 
 
