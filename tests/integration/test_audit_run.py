@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -263,3 +265,68 @@ def test_ledger_records_what_an_auditor_needs(run_dir):
     assert set(ck["files"]) >= {"model.safetensors", "digests.json", "config.yaml", "optimizer.pt"}
     digests = json.loads((run_dir / ck["path"] / "digests.json").read_text())
     assert digests["merkle_root"] == ck["roots"]["model"]
+
+
+# ---------------------------------------------------------------- report in a real headless browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+]  # fmt: skip
+
+
+def chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args]
+    return subprocess.run([*cmd, page.as_uri()], capture_output=True, text=True, timeout=120, check=False)
+
+
+def console_errors(stderr: str) -> list[str]:
+    return [ln for ln in stderr.splitlines() if "CONSOLE" in ln or "Uncaught" in ln]
+
+
+def test_report_is_self_contained_and_escapes_ledger_text(run_dir, tmp_path):
+    from training.audit.report import write_report
+
+    run = clone(run_dir, tmp_path)
+    recs = records(run)
+    evil = "</script><img src=x onerror=alert(1)>"
+    write_records(run, recs + [dict(recs[-2], seq=len(recs), prev=sha256_json(recs[-1]), status=evil)])
+    assert write_report(run, tmp_path / "r.html") is False
+    html = (tmp_path / "r.html").read_text()
+    assert evil not in html and "default-src 'none'" in html
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?:""", html), "the report must not load anything"
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed: apt-get install -y chromium")
+@pytest.mark.parametrize("case", ["verified", "tampered"])
+def test_report_renders_in_headless_chromium(run_dir, tmp_path, repo_root, case):
+    from training.audit.report import write_report
+
+    run = run_dir
+    if case == "tampered":
+        run = clone(run_dir, tmp_path)
+        recs = records(run)
+        recs[3]["loss"] = 0.1
+        write_records(run, recs)
+    page = tmp_path / "report.html"
+    assert main(["audit", "report", str(run), "--out", str(page)]) == 0
+    assert write_report(run, page) is (case == "verified")
+    res = chromium(page, tmp_path / "profile", "--dump-dom")
+    assert res.returncode == 0, res.stderr[-2000:]
+    dom = res.stdout
+    assert 'data-rendered="ok"' in dom and "data-error" not in dom, dom[-2000:]
+    assert not console_errors(res.stderr), console_errors(res.stderr)
+    assert dom.count("<svg") >= 5 and dom.count("<polyline") >= 3  # 3 curves, languages, heatmap
+    assert "Tokens per language" in dom and "step-00000006" in dom
+    if case == "verified":
+        assert "Verification passed" in dom and "torn_tail" in dom and "resume" in dom
+    else:
+        assert "Verification FAILED" in dom and "seq 4 (line 5" in dom
+    artifacts = Path(repo_root) / ".cache" / "test-artifacts"
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / f"audit-report-{case}.png"
+    shot.unlink(missing_ok=True)
+    res = chromium(page, tmp_path / "profile", "--window-size=1280,4200", f"--screenshot={shot}")
+    assert res.returncode == 0 and shot.is_file() and shot.stat().st_size > 20_000, res.stderr[-2000:]
+    assert shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
