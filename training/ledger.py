@@ -306,7 +306,7 @@ class Ledger:
             "checkpoint",
             step=int(step),
             tokens=int(tokens),
-            path=self._rel(path),
+            path=self.relpath(path),
             roots=dict(roots),
             files=dict(files) if files is not None else dir_file_digests(path),
         )
@@ -322,7 +322,9 @@ class Ledger:
 
     def weights_load(self, path: str | Path, model_root: str, purpose: str) -> dict[str, Any]:
         """Record a load of weights from a file (resume or otherwise) with the Merkle root of what was loaded."""
-        return self.event("weights_load", path=self._rel(Path(path)), model_root=model_root, purpose=purpose)
+        return self.event(
+            "weights_load", path=self.relpath(Path(path)), model_root=model_root, purpose=purpose
+        )
 
     def close(self, status: str = "completed") -> None:
         """An `end` event and a final signature; the file is closed."""
@@ -335,7 +337,7 @@ class Ledger:
 
     # -- internals
 
-    def _rel(self, path: Path) -> str:
+    def relpath(self, path: Path) -> str:
         run_dir = self.path.parent.resolve()
         p = path.resolve()
         return p.relative_to(run_dir).as_posix() if p.is_relative_to(run_dir) else str(p)
