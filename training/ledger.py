@@ -54,6 +54,7 @@ class LedgerHook(Protocol):
     ) -> dict: ...
     def checkpoint(self, step: int, path: str | Path, *, tokens: int, roots: dict[str, str]) -> dict: ...
     def event(self, kind: str, **fields: Any) -> dict: ...
+    def resume(self, path: str | Path, step: int, model_root: str, kind: str = "resume") -> None: ...
     def close(self, status: str = "completed") -> None: ...
 
 
@@ -325,6 +326,13 @@ class Ledger:
         return self.event(
             "weights_load", path=self.relpath(Path(path)), model_root=model_root, purpose=purpose
         )
+
+    def resume(self, path: str | Path, step: int, model_root: str, kind: str = "resume") -> None:
+        """A resume (or `kind="rollback"`) from checkpoint `path` at `step`, and the weight load it implies."""
+        if kind not in ("resume", "rollback"):
+            raise LedgerError(f"resume kind must be 'resume' or 'rollback', got {kind!r}")
+        self.event(kind, checkpoint=self.relpath(Path(path)), step=int(step), model_root=model_root)
+        self.weights_load(path, model_root, purpose=kind)
 
     def close(self, status: str = "completed") -> None:
         """An `end` event and a final signature; the file is closed."""

@@ -142,8 +142,7 @@ def resume(run_dir: Path, ckpt: Path, key_path: Path | None = None) -> tuple[Min
     pos = json.loads((ckpt / "data_position.json").read_text())
     run.step, run.tokens = pos["step"], pos["tokens"]
     root = named_merkle_root(state_digests(state))
-    ledger.event("resume", checkpoint=ledger.relpath(ckpt), step=run.step, model_root=root)
-    ledger.weights_load(ckpt, root, purpose="resume")
+    ledger.resume(ckpt, run.step, root)
     return run, ledger
 
 
