@@ -32,6 +32,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_init_check)
 
+    p = asub.add_parser(
+        "replay", help="re-execute recorded steps from a checkpoint, compare with the next one"
+    )
+    p.add_argument("run_dir")
+    p.add_argument("--from-step", type=int, required=True, help="a step with a recorded checkpoint")
+    p.add_argument(
+        "--steps", type=int, required=True, help="steps to replay; a checkpoint must exist at the end"
+    )
+    p.add_argument("--tolerance", type=float, default=1e-3, help="relative weight distance when not bitwise")
+    p.set_defaults(func=cmd_replay)
+
     p = asub.add_parser("compare", help="weight-lineage statistics between two models (kmoe or HF dirs)")
     p.add_argument("model_a")
     p.add_argument("model_b")
@@ -89,6 +100,24 @@ def cmd_init_check(args: argparse.Namespace) -> int:
         if r.ok
         else "init-check: FAILED"
     )
+    return 0 if r.ok else 1
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from training.audit.replay import replay
+
+    r = replay(args.run_dir, args.from_step, args.steps, tolerance=args.tolerance)
+    emit(
+        f"replay {args.run_dir}: steps {r.from_step + 1}..{r.to_step} from its checkpoint, compared with {r.target}"
+    )
+    for d in r.divergences:
+        emit(f"  DIVERGES: {d}")
+    if r.bitwise:
+        emit("replay: OK, bit for bit (the replayed weights have the recorded Merkle root)")
+    elif r.ok:
+        emit(f"replay: OK within tolerance (relative distance {r.relative_distance:.3e} <= {r.tolerance:g})")
+    else:
+        emit(f"replay: FAILED, first diverging step {r.first_divergence or r.to_step}")
     return 0 if r.ok else 1
 
 

@@ -227,10 +227,12 @@ class Ledger:
         world_size: int = 1,
         hostnames: Sequence[str] | None = None,
         code_root: str | Path | None = None,
+        trainer: str = "kmoe",
     ) -> dict[str, Any]:
         """The first record: config, code, environment, data, seed and the initial weight digests.
 
-        `init_state` is the state dict right after `init_weights` (fp32), or a mapping of its tensor digests.
+        `init_state` is the state dict right after `init_weights` (fp32), or a mapping of its tensor digests;
+        `trainer` names the program that trains (replay picks its engine by this name).
         """
         if self.seq != 0:
             raise LedgerError(
@@ -248,6 +250,7 @@ class Ledger:
             config=jsonable(config),
             config_hash=sha256_json(jsonable(config)),
             seed=int(seed),
+            trainer=trainer,
             code=ledger_facts.code_identity(code_root),
             environment=ledger_facts.environment(world_size, hostnames),
             data={"manifest_root": data_manifest_root, "tokenizer_hash": tokenizer_hash},

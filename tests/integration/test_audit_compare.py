@@ -25,7 +25,7 @@ from training.config import config_dict
 
 def trained(seed: int, steps: int, data_seed: int, start: minirun.MiniRun | None = None) -> minirun.MiniRun:
     run = start or minirun.build(minirun.make_config([f"train.seed={seed}"]))
-    run.gen.manual_seed(data_seed)
+    run.data_seed = data_seed
     for _ in range(steps):
         tokens, _ = minirun.batch(run)
         minirun.train_step(run, tokens)

@@ -20,11 +20,13 @@ import yaml
 from kmoe.hashing import named_merkle_root, sha256_bytes, sha256_json, state_digests, tensor_digest
 from model import MoETransformer, init_weights
 from model.checkpoint import load_model_dir, model_state, save_model_dir
+from training.audit.replay import register_engine
 from training.config import RunConfig, config_dict, load_run_config
 from training.ledger import Ledger
 
 log = logging.getLogger(__name__)
 LANGS = ("ko", "en", "ja", "code")
+TRAINER = "kmoe-minirun"  # recorded in genesis; `kmoe audit replay` picks the replay engine by it
 
 
 @dataclass
@@ -32,7 +34,7 @@ class MiniRun:
     cfg: RunConfig
     model: MoETransformer
     opt: torch.optim.AdamW
-    gen: torch.Generator  # the "data loader": tokens drawn from a seeded generator
+    data_seed: int  # the synthetic corpus: sample i is a function of (data_seed, i) alone
     step: int = 0
     tokens: int = 0
 
@@ -55,14 +57,22 @@ def build(cfg: RunConfig) -> MiniRun:
     opt = torch.optim.AdamW(
         model.parameters(), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps, weight_decay=t.weight_decay
     )
-    gen = torch.Generator().manual_seed(t.seed + 1)
-    return MiniRun(cfg, model, opt, gen)
+    return MiniRun(cfg, model, opt, data_seed=t.seed + 1)
+
+
+def samples(data_seed: int, indices: list[int], seq_len: int, vocab: int) -> torch.Tensor:
+    """Random-token sequences addressed by sample index, so a recorded batch can be re-read (replay)."""
+    rows = []
+    for i in indices:
+        gen = torch.Generator().manual_seed(int(sha256_json([data_seed, i])[:15], 16))
+        rows.append(torch.randint(0, vocab, (seq_len + 1,), generator=gen))
+    return torch.stack(rows)
 
 
 def batch(run: MiniRun) -> tuple[torch.Tensor, list[int]]:
-    b, s = run.cfg.train.global_batch_size, run.cfg.data.seq_len
-    tokens = torch.randint(0, run.cfg.model.vocab_size, (b, s + 1), generator=run.gen)
-    return tokens, list(range(run.step * b, (run.step + 1) * b))
+    b = run.cfg.train.global_batch_size
+    indices = list(range(run.step * b, (run.step + 1) * b))
+    return samples(run.data_seed, indices, run.cfg.data.seq_len, run.cfg.model.vocab_size), indices
 
 
 def train_step(run: MiniRun, tokens: torch.Tensor) -> tuple[float, float]:
@@ -83,8 +93,9 @@ def logged_step(run: MiniRun, ledger: Ledger) -> None:
     load = run.model.update_router_bias()
     run.step += 1
     run.tokens += tokens[:, :-1].numel()
-    share = tokens.shape[0] // len(LANGS) or 1
-    lang = {lg: tokens[:, :-1].shape[1] * share for lg in LANGS[: tokens.shape[0] // share]}
+    lang: dict[str, int] = {}
+    for i in indices:  # sample i of the synthetic corpus is labelled language LANGS[i % 4]
+        lang[LANGS[i % len(LANGS)]] = lang.get(LANGS[i % len(LANGS)], 0) + tokens.shape[1] - 1
     ledger.step(
         run.step, tokens=run.tokens, loss=loss, grad_norm=gnorm, lr=run.opt.param_groups[0]["lr"],
         lang_tokens=lang, sample_indices=indices, batch_hash=tensor_digest(tokens), expert_load=load,
@@ -101,9 +112,9 @@ def save_checkpoint(run: MiniRun, ledger: Ledger, run_dir: Path) -> Path:
     state = model_state(run.model)
     save_model_dir(path, state, config_dict(run.cfg))
     torch.save(run.opt.state_dict(), path / "optimizer.pt")
-    rng = run.gen.get_state()
-    torch.save({"data_rng": rng}, path / "rng.pt")
-    position = {"step": run.step, "tokens": run.tokens}
+    rng = torch.get_rng_state()
+    torch.save({"torch_rng": rng}, path / "rng.pt")
+    position = {"step": run.step, "tokens": run.tokens, "data_seed": run.data_seed}
     (path / "data_position.json").write_text(json.dumps(position))
     roots = {
         "model": named_merkle_root(state_digests(state)),
@@ -126,23 +137,28 @@ def start(run_dir: Path, cfg: RunConfig, key_path: Path | None = None) -> tuple[
         init_state=model_state(run.model),
         data_manifest_root=sha256_json({"demo": "random tokens", "seed": cfg.train.seed + 1}),
         tokenizer_hash=None,
+        trainer=TRAINER,
     )
     return run, ledger
+
+
+def load_checkpoint(ckpt: Path) -> MiniRun:
+    """Model, optimizer, RNG and data position exactly as saved at `ckpt` (tensors verified)."""
+    _, state = load_model_dir(ckpt, verify=True)
+    run = build(_cfg_from_dir(ckpt))
+    run.model.load_state_dict(state)
+    run.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+    torch.set_rng_state(torch.load(ckpt / "rng.pt", weights_only=True)["torch_rng"])
+    pos = json.loads((ckpt / "data_position.json").read_text())
+    run.step, run.tokens, run.data_seed = pos["step"], pos["tokens"], pos["data_seed"]
+    return run
 
 
 def resume(run_dir: Path, ckpt: Path, key_path: Path | None = None) -> tuple[MiniRun, Ledger]:
     """Reopen the ledger, load checkpoint `ckpt` and record the resume and the weight load."""
     ledger = Ledger.open(run_dir, key_path)
-    _, state = load_model_dir(ckpt, verify=True)
-    cfg = _cfg_from_dir(ckpt)
-    run = build(cfg)
-    run.model.load_state_dict(state)
-    run.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-    run.gen.set_state(torch.load(ckpt / "rng.pt", weights_only=True)["data_rng"])
-    pos = json.loads((ckpt / "data_position.json").read_text())
-    run.step, run.tokens = pos["step"], pos["tokens"]
-    root = named_merkle_root(state_digests(state))
-    ledger.resume(ckpt, run.step, root)
+    run = load_checkpoint(ckpt)
+    ledger.resume(ckpt, run.step, named_merkle_root(state_digests(model_state(run.model))))
     return run, ledger
 
 
@@ -164,3 +180,33 @@ def mini_run(
             save_checkpoint(run, ledger, run_dir)
     ledger.close()
     return run_dir
+
+
+class MiniEngine:
+    """Replay engine of this loop (`kmoe audit replay` on a run whose genesis names `kmoe-minirun`)."""
+
+    def __init__(self, run_dir: Path):
+        self.run: MiniRun | None = None
+
+    def load(self, checkpoint_dir: Path) -> None:
+        self.run = load_checkpoint(checkpoint_dir)
+
+    def batch(self, samples_rec: dict[str, Any]) -> torch.Tensor:
+        assert self.run is not None
+        idx = samples_rec.get("list") or list(
+            range(samples_rec["start"], samples_rec["start"] + samples_rec["count"])
+        )
+        return samples(self.run.data_seed, idx, self.run.cfg.data.seq_len, self.run.cfg.model.vocab_size)
+
+    def step(self, batch_tokens: torch.Tensor) -> dict[str, float]:
+        assert self.run is not None
+        loss, gnorm = train_step(self.run, batch_tokens)
+        self.run.model.update_router_bias()
+        return {"loss": loss, "grad_norm": gnorm}
+
+    def model_state(self) -> dict[str, torch.Tensor]:
+        assert self.run is not None
+        return model_state(self.run.model)
+
+
+register_engine(TRAINER, MiniEngine)
