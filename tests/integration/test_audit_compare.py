@@ -101,7 +101,9 @@ def test_compare_separates_independent_from_permuted_derived(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "verdict: DERIVED" in out and "rho(gate,up)" in out and "layer 1 expert" in out
     assert "raw cosine of norm weights is high for ANY two models" in out
-    assert indep["norms"]["raw_cosine"] > 0.99 and abs(indep["norms"]["centred_correlation"]) < 0.5
+    norms = indep["norms"]  # shared drift of each norm tensor fools the raw and the globally centred measure
+    assert norms["raw_cosine"] > 0.99 and norms["global_centred_correlation"] > 0.5
+    assert abs(norms["centred_correlation"]) < 0.2
     main(["audit", "compare", str(tmp_path / "a"), str(tmp_path / "b")])
     assert "verdict: INDEPENDENT" in capsys.readouterr().out
 

@@ -52,5 +52,9 @@ def test_norm_correlation_raw_is_high_for_unrelated_norms():
     b = {f"l{i}.norm.weight": 1 + 0.05 * torch.randn(64, generator=g) for i in range(3)}
     res = norm_correlation(a, b)
     assert res["raw_cosine"] > 0.99 and abs(res["centred_correlation"]) < 0.2 and "proves" in res["note"]
+    drift = {k: v + 0.1 * i for i, (k, v) in enumerate(a.items())}  # each tensor drifts by its own offset
+    drift_b = {k: v + 0.1 * i for i, (k, v) in enumerate(b.items())}
+    res = norm_correlation(drift, drift_b)
+    assert res["global_centred_correlation"] > 0.6 and abs(res["centred_correlation"]) < 0.2
     ones = {k: torch.ones(64) for k in a}
     assert norm_correlation(ones, ones)["centred_correlation"] is None
