@@ -118,3 +118,18 @@ def test_checkpoint_records_file_digests_and_is_signed(tmp_path):
     assert v.ok, v.findings
     (ck / "x.bin").write_bytes(b"abd")
     assert any("x.bin does not match" in f for f in verify_run(run).findings)
+
+
+def test_periodic_signature_bounds_the_unsigned_tail_of_a_crash(tmp_path):
+    run = tmp_path / "a"
+    led = new_ledger(run)
+    step(led, 1)
+    sig = led.sign()
+    step(led, 2)
+    led._f.close()  # crash: step 2 is recorded but never signed
+    v = verify_run(run)
+    assert sig["kind"] == "signature" and sig["signed_seq"] == 1
+    assert v.findings == [
+        "seq 3..3: 1 record(s) after the last signature are not covered by any signature "
+        "(appended without the run's key, or the run stopped without signing)"
+    ]
