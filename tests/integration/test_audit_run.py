@@ -155,6 +155,16 @@ def test_truncated_mid_line_is_found(run_dir, tmp_path, capsys):
     assert "not covered by any signature" in out
 
 
+def test_ledger_cut_back_to_an_earlier_signature_is_found(run_dir, tmp_path, capsys):
+    run = clone(run_dir, tmp_path)
+    recs = records(run)
+    k = first_seq(recs, "checkpoint", step=3)
+    write_records(run, recs[: k + 2])  # ends cleanly at the step-3 checkpoint's signature
+    rc, out = verify(run, capsys)
+    assert rc == 1 and "checkpoints/step-00000006: on disk but no checkpoint record names it" in out, out
+    assert f"ends at seq {k + 1}" in out
+
+
 def test_forged_appended_record_is_found(run_dir, tmp_path, capsys):
     run = clone(run_dir, tmp_path)
     recs = records(run)

@@ -126,6 +126,7 @@ def check_checkpoints(v: Verification) -> None:
     deleted = {
         r.get("path") for _, r in recs if r.get("kind") == "event" and r.get("event") == "checkpoint_deleted"
     }
+    _unrecorded_checkpoints(v, recs)
     for line, rec in recs:
         if rec.get("kind") != "checkpoint":
             continue
@@ -154,6 +155,22 @@ def check_checkpoints(v: Verification) -> None:
             root = json.loads(digests.read_text()).get("merkle_root")
             if root != (rec.get("roots") or {}).get("model"):
                 v.findings.append(f"{where}: digests.json merkle root is not the recorded model root")
+
+
+def _unrecorded_checkpoints(v: Verification, recs: list) -> None:
+    """A checkpoint directory the ledger never names: records cut off at the end, or weights dropped in."""
+    base = v.run_dir / "checkpoints"
+    if not base.is_dir():
+        return
+    named = {(v.run_dir / str(r.get("path"))).resolve() for _, r in recs if r.get("kind") == "checkpoint"}
+    last = recs[-1][1].get("seq") if recs else None
+    # dot-directories are a trainer's atomic-write staging area, not checkpoints
+    for d in sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if d.resolve() not in named:
+            v.findings.append(
+                f"checkpoints/{d.name}: on disk but no checkpoint record names it (the ledger ends at seq {last}; "
+                "records after it may have been cut off)"
+            )
 
 
 def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
