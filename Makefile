@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean demo-model
+.PHONY: install check test test-full demo clean demo-model demo-audit
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ test-full: check
 	$(PY) -m pytest tests
 
 # Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model
+demo: install demo-model demo-audit
 	@echo "demo finished: outputs under $(DEMO)/"
 
 demo-model: install
@@ -49,6 +49,17 @@ demo-model: install
 	for c in configs/model/*.yaml; do $(KMOE) model info --config $$c || exit 1; done
 	$(KMOE) model smoke --config configs/model/tiny.yaml --out $(DEMO)/tiny-init
 	$(KMOE) export hf $(DEMO)/tiny-init $(DEMO)/tiny-init-hf --dtype float32 --verify
+
+# Until the trainer writes runs, the audit stage audits a run of the reference loop (training/audit/minirun.py).
+demo-audit: install
+	rm -rf $(DEMO)/runs/audit-demo $(DEMO)/runs/.keys/audit-demo.ed25519*
+	$(PY) -c "from training.audit.minirun import mini_run; mini_run('$(DEMO)/runs/audit-demo', steps=6, ckpt_every=3)"
+	$(KMOE) audit verify $(DEMO)/runs/audit-demo
+	$(KMOE) audit init-check $(DEMO)/runs/audit-demo
+	$(KMOE) audit report $(DEMO)/runs/audit-demo --out $(DEMO)/audit-report.html
+	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000003 $(DEMO)/runs/audit-demo/checkpoints/step-00000006
+	$(KMOE) model smoke --config configs/model/tiny.yaml --seed 4321 --out $(DEMO)/tiny-seed4321
+	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000006 $(DEMO)/tiny-seed4321
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -1,0 +1,1 @@
+"""Auditor-facing tools over a run directory: verify, init-check, compare (lineage), report."""
