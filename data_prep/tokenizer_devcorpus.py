@@ -1,0 +1,134 @@
+"""Dev/test utility: a small real corpus in the `kmoe data build` kept-corpus layout, for tokenizer work.
+
+This is NOT the data pipeline. It exists so the tokenizer can be trained, tested and reported on real text
+before `kmoe data build` (issue 3) lands; swap it for that stage's `OUT/corpus` at merge. Sources, fetched at
+run time and cached under `.cache/` (never committed), per DATA_SOURCES.md:
+  ko/ja/en: Debian package descriptions translated by people (DDTP), via a private `apt-get update`;
+  code: the Python standard library's own `.py` files.
+A deterministic slice of each language (by a hash of the document id) is held out for the report.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import subprocess
+import sysconfig
+import unicodedata
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# Rough natural proportions of the real sources (English dominates, Korean is scarce): chars per language.
+DEFAULT_CAPS = {"ko": 3_000_000, "ja": 2_500_000, "en": 8_000_000, "code": 3_000_000}
+
+
+def _fetch_ddtp(cache: Path) -> Path:
+    lists = cache / "lists"
+    if not list(lists.glob("*Translation-ko*")):
+        (lists / "partial").mkdir(parents=True, exist_ok=True)
+        cmd = [
+            "apt-get", "update", "-qq", "-o", "Acquire::Languages=ko,ja,en",
+            "-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={cache / 'apt-cache'}",
+            "-o", "APT::Update::Post-Invoke-Success=",
+        ]  # fmt: skip
+        log.info("fetching DDTP translations into %s", lists)
+        subprocess.run(cmd, check=True, capture_output=True)
+    return lists
+
+
+def ddtp_docs(cache: Path, lang: str) -> list[dict]:
+    """One document per distinct translated description (deduplicated by its md5)."""
+    lists = _fetch_ddtp(cache)
+    files = sorted(lists.glob(f"*_main_i18n_Translation-{lang}*"))
+    if not files:
+        raise FileNotFoundError(f"{lists}: no Translation-{lang} file after apt-get update")
+    docs, seen = [], set()
+    for f in files:
+        raw = subprocess.run(
+            ["/usr/lib/apt/apt-helper", "cat-file", str(f)], check=True, capture_output=True
+        ).stdout.decode("utf-8", errors="replace")
+        for entry in raw.split("\n\n"):
+            doc = _parse_entry(entry, lang)
+            if doc and doc["id"] not in seen:
+                seen.add(doc["id"])
+                docs.append(doc)
+    return docs
+
+
+def _parse_entry(entry: str, lang: str) -> dict | None:
+    md5, short, paras, cur = None, None, [], []
+    for line in entry.split("\n"):
+        if line.startswith("Description-md5:"):
+            md5 = line.split(":", 1)[1].strip()
+        elif line.startswith(f"Description-{lang}:"):
+            short = line.split(":", 1)[1].strip()
+        elif line.startswith(" ") and short is not None:
+            if line.strip() == ".":  # Debian's paragraph separator
+                paras.append(" ".join(cur))
+                cur = []
+            else:
+                cur.append(line.strip())
+    if cur:
+        paras.append(" ".join(cur))
+    if not md5 or not short:
+        return None
+    text = unicodedata.normalize("NFC", "\n\n".join([short, *paras]))
+    return {"id": f"ddtp-{lang}-{md5}", "text": text, "lang": lang, "source": f"ddtp-{lang}"}
+
+
+def stdlib_docs() -> list[dict]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    docs = []
+    for f in sorted(root.rglob("*.py")):
+        rel = f.relative_to(root).as_posix()
+        if rel.startswith(("site-packages/", "test/", "lib2to3/tests/")) or "/test" in rel:
+            continue
+        try:
+            text = f.read_text(encoding="utf-8")
+        except (UnicodeDecodeError, OSError):
+            continue
+        if text.strip():
+            docs.append({"id": f"pystdlib-{rel}", "text": text, "lang": "code", "source": "python-stdlib"})
+    return docs
+
+
+def is_heldout(doc_id: str, frac: float) -> bool:
+    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
+
+
+def build_dev_corpus(
+    out: Path, cache: Path, caps: dict[str, int] | None = None, heldout_frac: float = 0.05
+) -> dict[str, dict[str, int]]:
+    """Write `out/kept/<lang>/00000.jsonl.gz` and held-out text `out/heldout/<lang>.txt`; return counts."""
+    caps = caps or DEFAULT_CAPS
+    stats = {}
+    for lang, cap in caps.items():
+        docs = stdlib_docs() if lang == "code" else ddtp_docs(cache, lang)
+        kept, held, chars = [], [], 0
+        for d in docs:
+            if is_heldout(d["id"], heldout_frac):
+                held.append(d["text"])
+            elif chars < cap:
+                kept.append(d)
+                chars += len(d["text"])
+        (out / "kept" / lang).mkdir(parents=True, exist_ok=True)
+        with gzip.open(out / "kept" / lang / "00000.jsonl.gz", "wt", encoding="utf-8") as f:
+            for d in kept:
+                f.write(json.dumps(d, ensure_ascii=False) + "\n")
+        (out / "heldout").mkdir(parents=True, exist_ok=True)
+        (out / "heldout" / f"{lang}.txt").write_text("\n\n".join(held) + "\n", encoding="utf-8")
+        stats[lang] = {"kept_docs": len(kept), "kept_chars": chars, "heldout_docs": len(held)}
+        log.info("dev corpus %s: %s", lang, stats[lang])
+    return stats
+
+
+def ensure_dev_corpus(out: Path, cache: Path, caps: dict[str, int] | None = None) -> Path:
+    """Build the dev corpus once; later calls reuse it (a `done` marker guards half-written dirs)."""
+    marker = out / "done.json"
+    if not marker.is_file():
+        stats = build_dev_corpus(out, cache, caps)
+        marker.write_text(json.dumps(stats, indent=2))
+    return out
