@@ -51,7 +51,7 @@ demo-model: install
 demo-tokenizer: install
 	@mkdir -p $(DEMO)
 	$(KMOE) tokenizer train --config configs/tokenizer/demo.yaml --out $(DEMO)/tokenizer
-	$(KMOE) tokenizer report $(DEMO)/tokenizer --text .cache/tok-dev/heldout/{ko,en,ja,code}.txt
+	$(KMOE) tokenizer report $(DEMO)/tokenizer --text .cache/tok-dev/heldout/{ko,ko-gnome,en,ja,code}.txt
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -5,7 +5,8 @@ before `kmoe data build` (issue 3) lands; swap it for that stage's `OUT/corpus` 
 run time and cached under `.cache/` (never committed), per DATA_SOURCES.md:
   ko/ja/en: Debian package descriptions translated by people (DDTP), via a private `apt-get update`;
   code: the Python standard library's own `.py` files.
-A deterministic slice of each language (by a hash of the document id) is held out for the report.
+A deterministic slice of each language (by a hash of the document id) is held out for the report, plus an
+out-of-domain Korean set never seen in training: the Korean GNOME user help (`gnome-user-docs`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import subprocess
 import sysconfig
 import unicodedata
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -95,6 +97,30 @@ def stdlib_docs() -> list[dict]:
     return docs
 
 
+def gnome_help_ko(cache: Path) -> list[str]:
+    """Paragraphs of the Korean GNOME help (Mallard XML); untranslated paragraphs are dropped."""
+    debs = cache / "debs"
+    if not list(debs.glob("gnome-user-docs_*.deb")):
+        debs.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["apt-get", "download", "-qq", "gnome-user-docs"], cwd=debs, check=True, capture_output=True
+        )
+    tree = debs / "x"
+    if not (tree / "usr/share/help/ko").is_dir():
+        deb = sorted(debs.glob("gnome-user-docs_*.deb"))[-1]
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, capture_output=True)
+    paras = []
+    for page in sorted((tree / "usr/share/help/ko").rglob("*.page")):
+        root = ET.parse(page).getroot()
+        for el in root.iter():
+            if el.tag.rsplit("}", 1)[-1] in ("p", "title", "desc"):
+                text = " ".join("".join(el.itertext()).split())
+                hangul = sum("\uac00" <= c <= "\ud7a3" for c in text)
+                if len(text) >= 10 and hangul >= 0.3 * sum(c.isalpha() for c in text):
+                    paras.append(unicodedata.normalize("NFC", text))
+    return paras
+
+
 def is_heldout(doc_id: str, frac: float) -> bool:
     return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
 
@@ -122,6 +148,9 @@ def build_dev_corpus(
         (out / "heldout" / f"{lang}.txt").write_text("\n\n".join(held) + "\n", encoding="utf-8")
         stats[lang] = {"kept_docs": len(kept), "kept_chars": chars, "heldout_docs": len(held)}
         log.info("dev corpus %s: %s", lang, stats[lang])
+    help_ko = gnome_help_ko(cache)
+    (out / "heldout" / "ko-gnome.txt").write_text("\n\n".join(help_ko) + "\n", encoding="utf-8")
+    stats["ko-gnome"] = {"heldout_docs": len(help_ko)}
     return stats
 
 

@@ -136,24 +136,25 @@ def build_report(tok_dir: Path, text_specs: list[str], corpus_dir: Path | None =
 
 
 def format_report(rep: dict) -> str:
+    w = max(5, *(len(lang) for lang in rep["languages"]))
     lines = [
         f"tokenizer {rep['tokenizer']} (vocab {rep['vocab_size']}, digest {rep['digest'][:16]}...)",
         "baselines: byte-level (1 token per UTF-8 byte); sp-default = sentencepiece defaults trained on "
         f"{rep['corpus']} in natural proportions, same vocab and sample size",
-        f"{'lang':<5} {'tokenizer':<11} {'tokens':>9} {'chars/tok':>9} {'tok/word':>9} {'bytes/tok':>9} "
+        f"{'lang':<{w}} {'tokenizer':<11} {'tokens':>9} {'chars/tok':>9} {'tok/word':>9} {'bytes/tok':>9} "
         f"{'lossless':>8}",
     ]
     for lang, r in rep["languages"].items():
         for name in ("ours", "sp_default", "byte_level"):
             m = r[name]
             lines.append(
-                f"{lang:<5} {name:<11} {m['tokens']:>9} {m['chars_per_token']:>9.3f} "
+                f"{lang:<{w}} {name:<11} {m['tokens']:>9} {m['chars_per_token']:>9.3f} "
                 f"{m['tokens_per_word']:>9.3f} {m['bytes_per_token']:>9.3f} {m['lossless']:>8.1%}"
             )
         delta = r["tokens_per_char_vs_default"]
         word = "fewer" if delta < 0 else "more"
         lines.append(
-            f"{lang:<5} => ours uses {abs(delta):.1%} {word} tokens per char than sp-default "
+            f"{lang:<{w}} => ours uses {abs(delta):.1%} {word} tokens per char than sp-default "
             f"({r['docs']} docs, {r['chars']} chars); {r['same_text_vs_default']:+.1%} on the text as "
             "sp-default normalises it"
         )

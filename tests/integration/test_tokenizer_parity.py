@@ -118,6 +118,7 @@ def test_report_meets_acceptance(demo_tok, corpus, capsys):
     assert main(["tokenizer", "report", str(demo_tok), "--text", *texts, "--json"]) == 0
     langs = json.loads(capsys.readouterr().out)["languages"]
     assert langs["ko"]["tokens_per_char_vs_default"] <= -0.10
+    assert langs["ko-gnome"]["tokens_per_char_vs_default"] <= -0.10  # Korean from a domain never trained on
     assert langs["en"]["tokens_per_char_vs_default"] <= 0.05
     # sp-default drops indentation and newlines; on the text it actually sees we are within 5%.
     assert langs["code"]["same_text_vs_default"] <= 0.05
