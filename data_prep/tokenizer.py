@@ -55,9 +55,10 @@ class TokenizerConfig:
 
 
 def validate_config(cfg: TokenizerConfig) -> None:
-    if cfg.vocab_size < 512:
+    reserved = len(BASE_SPECIALS) + len(control_tokens(cfg)) + (256 if cfg.byte_fallback else 0)
+    if cfg.vocab_size < reserved + 64:
         raise ConfigError(
-            f"tokenizer.vocab_size: {cfg.vocab_size} is too small (byte fallback alone needs 256)"
+            f"tokenizer.vocab_size: {cfg.vocab_size} is too small ({reserved} ids go to specials and bytes)"
         )
     if not cfg.language_weights or any(w < 0 for w in cfg.language_weights.values()):
         raise ConfigError("tokenizer.language_weights: give each language a weight >= 0")

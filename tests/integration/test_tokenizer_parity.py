@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.tokenizer import load_tokenizer, read_kept_corpus
+from data_prep.tokenizer import load_tokenizer, read_kept_corpus, tokenizer_digest
 from data_prep.tokenizer_hf import EDGE_CASES, parity
 from kmoe.cli import main
 
@@ -79,6 +79,8 @@ def test_hf_export_carries_the_tokenizer(demo_tok, tmp_path):
         tok.eos_id,
         tok.pad_id,
     )
+    # The export carries both hashed files, so an auditor recomputes the same tokenizer digest from it.
+    assert tokenizer_digest(hf_dir) == tok.digest
     # Loaded next to a glm4_moe config.json, AutoTokenizer must still be our tokenizer.
     hf = AutoTokenizer.from_pretrained(str(hf_dir))
     for text in EDGE_CASES:

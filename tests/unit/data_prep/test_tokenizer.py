@@ -145,3 +145,17 @@ def test_hf_maps_special_literals_to_ids(trained):
     chat = hf.apply_chat_template([{"role": "user", "content": "안녕"}], tokenize=False)
     assert chat == "<|im_start|>user\n안녕<|im_end|>\n"
     assert hf.decode(hf("안녕 hello")["input_ids"], skip_special_tokens=True) == "안녕 hello"
+
+
+def test_unigram_option_trains_and_exports(tmp_path):
+    corpus = write_corpus(tmp_path / "corpus")
+    out = train_tokenizer(
+        corpus, TokenizerConfig(**{**SMALL, "vocab_size": 450}, model_type="unigram"), tmp_path / "uni"
+    )
+    tok = load_tokenizer(out)
+    assert tok.decode(tok.encode("한국어  code\n\tx")) == "한국어  code\n\tx"
+    # Decoding always agrees. Ids can differ (docs/tokenizer.md) on near-tie segmentations and where a literal
+    # "<0x41>" sits between characters missing from a small vocabulary; the other edge cases agree.
+    res = parity(out, [t for t in EDGE_CASES if "<0x" not in t])
+    assert (res["id_mismatches"], res["decode_mismatches"]) == (0, 0), res
+    assert parity(out, EDGE_CASES)["decode_mismatches"] == 0
