@@ -241,15 +241,13 @@ def train_tokenizer(corpus_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> Pa
     return out
 
 
+# tokenizer_config.json is hashed too: it decides BOS, decode clean-up and the chat template in HF.
+DIGEST_FILES = (SP_MODEL, "tokenizer.json", "tokenizer_config.json")
+
+
 def tokenizer_digest(tok_dir: Path) -> str:
-    """sha256 identifying a tokenizer: the sentencepiece model bytes and the HF tokenizer.json."""
-    tok_dir = Path(tok_dir)
-    return sha256_json(
-        {
-            SP_MODEL: sha256_file(tok_dir / SP_MODEL),
-            "tokenizer.json": sha256_file(tok_dir / "tokenizer.json"),
-        }
-    )
+    """sha256 identifying a tokenizer: sha256_json of {file: sha256} over DIGEST_FILES."""
+    return sha256_json({name: sha256_file(Path(tok_dir) / name) for name in DIGEST_FILES})
 
 
 # ----------------------------------------------------------------------------- loading
@@ -300,7 +298,7 @@ def load_tokenizer(tok_dir: str | Path, verify: bool = True) -> Tokenizer:
     import sentencepiece as spm
 
     tok_dir = Path(tok_dir)
-    for name in (SP_MODEL, "tokenizer.json", META):
+    for name in (*DIGEST_FILES, META):
         if not (tok_dir / name).is_file():
             raise FileNotFoundError(f"{tok_dir}: missing {name} (train one with `kmoe tokenizer train`)")
     meta = json.loads((tok_dir / META).read_text(encoding="utf-8"))

@@ -21,8 +21,9 @@ from data_prep.tokenizer import BASE_SPECIALS, TokenizerConfig, control_tokens
 
 SPACE = "\u2581"
 
+# ChatML, opened with <s> because every training document starts with it (add_bos).
 CHATML_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "{{ bos_token }}{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
     "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 

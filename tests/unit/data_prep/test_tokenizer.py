@@ -125,9 +125,16 @@ def test_training_is_deterministic_and_tampering_is_caught(trained, tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     again = train_tokenizer(corpus, TokenizerConfig(**SMALL), tmp_path / "tok")
     assert load_tokenizer(again).digest == load_tokenizer(trained).digest
-    (again / "tokenizer.json").write_text((again / "tokenizer.json").read_text().replace('"<s>"', '"<S>"', 1))
-    with pytest.raises(ValueError, match="digest"):
-        load_tokenizer(again)
+    for name, old, new in [
+        ("tokenizer_config.json", '"add_bos_token": true', '"add_bos_token": false'),
+        ("tokenizer.json", '"<s>"', '"<S>"'),
+    ]:
+        original = (again / name).read_text()
+        (again / name).write_text(original.replace(old, new, 1))
+        with pytest.raises(ValueError, match="digest"):
+            load_tokenizer(again)
+        (again / name).write_text(original)
+    load_tokenizer(again)
 
 
 def test_hf_parity_on_edge_cases(trained):
@@ -143,7 +150,7 @@ def test_hf_maps_special_literals_to_ids(trained):
     ids = hf.encode("<|im_start|>user", add_special_tokens=False)
     assert ids[0] == 4
     chat = hf.apply_chat_template([{"role": "user", "content": "안녕"}], tokenize=False)
-    assert chat == "<|im_start|>user\n안녕<|im_end|>\n"
+    assert chat == "<s><|im_start|>user\n안녕<|im_end|>\n"
     assert hf.decode(hf("안녕 hello")["input_ids"], skip_special_tokens=True) == "안녕 hello"
 
 
