@@ -38,13 +38,17 @@ class TokenizerConfig:
     model_type: Literal["bpe", "unigram"] = "bpe"
     # Share of the training sample per language; Korean is upweighted so English does not take the vocabulary.
     language_weights: dict[str, float] = field(
-        default_factory=lambda: {"ko": 0.25, "en": 0.5, "ja": 0.08, "code": 0.17}
+        default_factory=lambda: {"ko": 0.25, "en": 0.45, "ja": 0.12, "code": 0.18}
     )
     sample_chars: int = 8_000_000  # size of the training sample
     max_upsample: float = 3.0  # a scarce language is repeated at most this many times to reach its share
     character_coverage: float = 0.9995  # high enough to keep Hangul syllables and common kanji whole
     max_piece_length: int = 16
     split_digits: bool = True
+    # Let a piece span scripts: Korean endings fuse with punctuation ("습니다.") and particles with Latin
+    # words ("API를"); sentencepiece's default (true) forbids both. Measured in docs/tokenizer.md.
+    split_by_unicode_script: bool = False
+    split_by_whitespace: bool = True  # false allows multi-word pieces ("▁is▁a"); kept off, see docs
     byte_fallback: bool = True
     add_bos: bool = True  # every training document starts with <s> (and ends with </s>, the EOD token)
     chat_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_CHAT_TOKENS))
@@ -180,6 +184,8 @@ def sp_trainer_options(cfg: TokenizerConfig) -> dict:
         "character_coverage": cfg.character_coverage,
         "byte_fallback": cfg.byte_fallback,
         "split_digits": cfg.split_digits,
+        "split_by_unicode_script": cfg.split_by_unicode_script,
+        "split_by_whitespace": cfg.split_by_whitespace,
         # Our data pipeline applies NFC itself; NFKC would fold compatibility jamo and full-width forms.
         "normalization_rule_name": "identity",
         "remove_extra_whitespaces": False,  # indentation and runs of spaces are content (code)
