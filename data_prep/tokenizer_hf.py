@@ -28,23 +28,19 @@ CHATML_TEMPLATE = (
 )
 
 
+def _kind(sp, i: int) -> str:
+    checks = (
+        ("control", sp.is_control),
+        ("unknown", sp.is_unknown),
+        ("byte", sp.is_byte),
+        ("unused", sp.is_unused),
+    )
+    return next((name for name, check in checks if check(i)), "normal")
+
+
 def _pieces(sp) -> list[tuple[str, float, str]]:
     """(piece, score, kind) for every id; kind is normal|control|unknown|byte|unused."""
-    out = []
-    for i in range(sp.get_piece_size()):
-        kind = (
-            "control"
-            if sp.is_control(i)
-            else "unknown"
-            if sp.is_unknown(i)
-            else "byte"
-            if sp.is_byte(i)
-            else "unused"
-            if sp.is_unused(i)
-            else "normal"
-        )
-        out.append((sp.id_to_piece(i), sp.get_score(i), kind))
-    return out
+    return [(sp.id_to_piece(i), sp.get_score(i), _kind(sp, i)) for i in range(sp.get_piece_size())]
 
 
 def bpe_merges(pieces: list[tuple[str, float, str]]) -> list[tuple[str, str]]:
