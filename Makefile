@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean demo-model demo-audit
+.PHONY: install check test test-full demo clean demo-model demo-tokenizer demo-audit
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ test-full: check
 	$(PY) -m pytest tests
 
 # Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model demo-audit
+demo: install demo-model demo-tokenizer demo-audit
 	@echo "demo finished: outputs under $(DEMO)/"
 
 demo-model: install
@@ -60,6 +60,13 @@ demo-audit: install
 	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000003 $(DEMO)/runs/audit-demo/checkpoints/step-00000006
 	$(KMOE) model smoke --config configs/model/tiny.yaml --seed 4321 --out $(DEMO)/tiny-seed4321
 	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000006 $(DEMO)/tiny-seed4321
+
+# Until `kmoe data build` feeds it, the tokenizer trains on a small real dev corpus fetched into .cache/tok-dev
+# (DDTP ko/ja/en + Python stdlib); the report measures held-out text of each language against two baselines.
+demo-tokenizer: install
+	@mkdir -p $(DEMO)
+	$(KMOE) tokenizer train --config configs/tokenizer/demo.yaml --out $(DEMO)/tokenizer
+	$(KMOE) tokenizer report $(DEMO)/tokenizer --text .cache/tok-dev/heldout/{ko,ko-gnome,en,ja,code}.txt
 
 clean:
 	rm -rf $(VENV) .cache runs
