@@ -48,7 +48,7 @@ def tensor_digest(t: Any) -> str:
         t = t.detach().to("cpu").contiguous()
         dtype = str(t.dtype).removeprefix("torch.")
         shape = list(t.shape)
-        raw = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""  # 0-dim too
     else:
         arr = np.ascontiguousarray(t)
         dtype, shape, raw = str(arr.dtype), list(arr.shape), arr.tobytes()
