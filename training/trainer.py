@@ -109,13 +109,18 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, resume: str | None = None) -> int:
-        """Train to `train.steps`; returns 0 when done, REQUEUE_EXIT_CODE after a stop signal."""
+        """Set up (fresh or resumed) and train to `train.steps`; 0 when done, REQUEUE_EXIT_CODE on a signal."""
         self.setup(resume)
+        return self.loop()
+
+    def loop(self) -> int:
+        """The step loop of a set-up trainer."""
         self.stop.install()
         try:
             while self.state.step < self.cfg.train.steps:
                 if self._stop_agreed():
                     self._checkpoint(reason="signal")
+                    self.metrics.event("stop", step=self.state.step, signal=self.stop.signum)
                     self.ledger.event("stop", step=self.state.step, signal=self.stop.signum)
                     return REQUEUE_EXIT_CODE
                 self._one_step()
