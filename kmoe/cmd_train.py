@@ -46,7 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
     try:
-        code = Trainer(cfg, run_dir, info, ledger=_ledger(run_dir)).run(args.resume)
+        ledger = _ledger(run_dir) if info.is_main else None  # one writer: rank 0
+        code = Trainer(cfg, run_dir, info, ledger=ledger).run(args.resume)
     finally:
         shutdown(info)
     if code:
@@ -57,13 +58,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _ledger(run_dir):
-    """The run's ledger when training/ledger.py provides one (issue 6); None trains without."""
+    """The run's ledger (`training.ledger.Ledger.open`, issue 6) when that module is present, else None."""
     try:
-        from training import ledger  # noqa: F401  (written on the ledger branch)
+        from training.ledger import Ledger  # written on the ledger branch
     except ImportError:
         return None
-    factory = getattr(ledger, "open_ledger", None)
-    return factory(run_dir) if factory else None
+    return Ledger.open(run_dir)
 
 
 def _dry_run(args: argparse.Namespace, cfg, world: int) -> int:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kmoe.hashing import named_merkle_root, sha256_file, state_digests
+from kmoe.hashing import named_merkle_root, sha256_file, sha256_json, state_digests
 from model.checkpoint import CheckpointError, save_model_dir
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,18 @@ def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], t
         shutil.rmtree(trash)
     tmp.rename(final)
     _fsync_dir(root)
-    return {"path": str(final), "digests": record["tensors"], "merkle_root": record["merkle_root"]}
+    roots = {
+        "model": record["merkle_root"],
+        "optimizer": named_merkle_root(manifest["tensors"]["optimizer.safetensors"]),
+        "rng": named_merkle_root(manifest["tensors"]["rng.safetensors"]),
+        "data": sha256_json(data_position(trainer_state["trainer"])),
+    }
+    return {"path": final, "digests": record["tensors"], "merkle_root": record["merkle_root"], "roots": roots}
+
+
+def data_position(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The part of the trainer state that says where in the data the run is (its hash goes to the ledger)."""
+    return {k: trainer[k] for k in ("step", "tokens", "batch_cursor", "skipped_batches") if k in trainer}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ from kmoe.hashing import sha256_file, tensor_digest
 from .config import RunConfig
 
 log = logging.getLogger(__name__)
+# megatron-core logs every index it builds (and that it caches nothing without path_to_cache) at INFO/WARNING.
+logging.getLogger("megatron").setLevel(logging.ERROR)
+# Importing megatron.core warns that TransformerEngine/Apex are missing; the dataset path needs neither.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
 
 
 @dataclass
@@ -134,7 +139,6 @@ def _build(cfg, tokenizer, blend, sizes: list[int]) -> list:
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    logging.getLogger("megatron").setLevel(logging.ERROR)
     return BlendedMegatronDatasetBuilder(
         GPTDataset, sizes, lambda: True, _gpt_config(cfg, tokenizer, blend)
     ).build()

@@ -1,28 +1,31 @@
-"""Hook points the trainer calls for the audit record; the ledger (training/ledger.py) implements them.
+"""Hook points the trainer calls for the audit record; training/ledger.py's `Ledger` implements them.
 
-The trainer never depends on a ledger being present: `NullLedger` accepts every call and does nothing.
-Arguments are plain JSON-able values (str, int, float, lists, dicts) so a ledger can hash them as given.
+The signatures mirror the ledger's (issue 6) so it plugs in as is; `NullLedger` accepts every call and
+records nothing. Only rank 0 calls a ledger. What the trainer sends:
+  genesis       once before the first step of a fresh run (config, seed, initial weight digests, data root)
+  step          every applied optimizer step (cumulative tokens, loss, grad norm, lr, batch identity, load)
+  checkpoint    after a checkpoint directory is complete (Merkle roots of model/optimizer/rng/data position)
+  event         skip_step, resume, rollback, signal, checkpoint_deleted, eval, expert_dead
+  weights_load  when weights are read from a checkpoint (resume, rollback)
+  close         at the end ("completed") or after a stop signal ("requeue")
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 
 class LedgerHook(Protocol):
-    def genesis(self, *, config: dict[str, Any], config_hash: str, seed: int, init_digests: dict[str, str],
-                data: dict[str, Any], world_size: int) -> None:  # fmt: skip
-        """Once, before the first step of a fresh run: what the run starts from."""
-
-    def step(self, *, step: int, loss: float, lr: float, grad_norm: float, skipped: bool,
-             batch_indices: list[int], batch_sha256: str, extra: dict[str, Any]) -> None:  # fmt: skip
-        """After every optimizer step (or skipped step) with the global batch it consumed."""
-
-    def checkpoint(self, *, step: int, path: str, digests: dict[str, str], merkle_root: str) -> None:
-        """After a checkpoint directory is complete (renamed into place)."""
-
-    def event(self, kind: str, **fields: Any) -> None:
-        """Anything else an auditor should see: resume, rollback, nan skip, spike, signal, eval, alarm."""
+    def genesis(
+        self, *, config: dict[str, Any], seed: int, init_state: Mapping[str, Any], **kw: Any
+    ) -> Any: ...
+    def step(self, step: int, *, tokens: int, loss: float, grad_norm: float, lr: float, **kw: Any) -> Any: ...
+    def checkpoint(self, step: int, path: str | Path, *, tokens: int, roots: dict[str, str]) -> Any: ...
+    def event(self, kind: str, **fields: Any) -> Any: ...
+    def weights_load(self, path: str | Path, model_root: str, purpose: str) -> Any: ...
+    def close(self, status: str = "completed") -> None: ...
 
 
 class NullLedger:
@@ -31,11 +34,17 @@ class NullLedger:
     def genesis(self, **_: Any) -> None:
         pass
 
-    def step(self, **_: Any) -> None:
+    def step(self, step: int, **_: Any) -> None:
         pass
 
-    def checkpoint(self, **_: Any) -> None:
+    def checkpoint(self, step: int, path: str | Path, **_: Any) -> None:
         pass
 
     def event(self, kind: str, **_: Any) -> None:
+        pass
+
+    def weights_load(self, path: str | Path, model_root: str, purpose: str) -> None:
+        pass
+
+    def close(self, status: str = "completed") -> None:
         pass

@@ -8,6 +8,7 @@ spike rollback restores the last checkpoint and marks the offending batch as nev
 from __future__ import annotations
 
 import logging
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class TrainerState:
     step: int = 0  # optimizer steps taken (skipped steps included)
+    tokens: int = 0  # tokens of the applied steps (what the ledger counts)
     batch_cursor: int = 0  # next batch of the train stream
     skipped_batches: list[int] = field(default_factory=list)  # never trained on (spike rollbacks)
     loss_window: list[float] = field(default_factory=list)  # recent good losses (spike detection)
@@ -54,7 +56,7 @@ class StepOutcome:
 class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo, ledger: LedgerHook | None = None):
         self.cfg, self.run_dir, self.info = cfg, Path(run_dir), info
-        self.ledger = ledger if (ledger is not None and info.is_main) else NullLedger()
+        self.ledger: LedgerHook = ledger if (ledger is not None and info.is_main) else NullLedger()
         self.ckpt_root = self.run_dir / "checkpoints"
         self.state = TrainerState()
         self.stop = StopRequest()
@@ -70,18 +72,19 @@ class Trainer:
         self.data = TrainData(cfg)
         self.engine: Engine = build_engine(cfg, self.info)
         self.engine.build(cfg.train.seed)
-        size = model_size(cfg.model, cfg.data.seq_len)
-        self.metrics = MetricsLogger(
-            self.run_dir, cfg, self.info.is_main, size.flops_train_per_token, self.info.world
-        )
+        flops = model_size(cfg.model, cfg.data.seq_len).flops_train_per_token
+        self.metrics = MetricsLogger(self.run_dir, cfg, self.info.is_main, flops, self.info.world)
         path = self._resume_path(resume)
         if path is not None:
             self._restore(path, "resume")
-        else:
-            digests = self.engine.param_digests()
-            self.ledger.genesis(config=config_dict(cfg), config_hash=config_hash(cfg), seed=cfg.train.seed,
-                                init_digests=digests, data=self.data.describe(), world_size=self.info.world)  # fmt: skip
-            self.metrics.event("start", config_hash=config_hash(cfg), layout=layout(cfg, self.info.world))
+            return
+        data = self.data.describe()
+        self.ledger.genesis(config=config_dict(cfg), seed=cfg.train.seed, init_state=self.engine.param_digests(),
+                            data_manifest_root=data["root_hash"], tokenizer_hash=data["tokenizer"],
+                            world_size=self.info.world)  # fmt: skip
+        self.metrics.event(
+            "start", config_hash=config_hash(cfg), layout=layout(cfg, self.info.world), data=data
+        )
 
     def _resume_path(self, resume: str | None) -> Path | None:
         if not resume or resume == "none":
@@ -93,19 +96,27 @@ class Trainer:
             raise ValueError(f"--resume: {path} is not a checkpoint directory")
         return path
 
-    def _restore(self, path: Path, why: str) -> None:
-        loaded = ckpt.load(path)  # verifies every tensor and file first
+    def _rel(self, path: Path) -> str:
+        """A path as the ledger records it: relative to the run directory when inside it."""
+        p, root = Path(path).resolve(), self.run_dir.resolve()
+        return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
+
+    def _restore(self, path: Path, why: str, **fields: Any) -> None:
+        loaded = ckpt.load(path)  # verifies every tensor and file before anything is used
         self.engine.load_state_dict({"model": loaded["model"], "optimizer": loaded["optimizer"]})
         ts = loaded["trainer_state"]
         self.state = TrainerState(**ts["trainer"])
-        ckpt.restore_rng(ckpt.rank_rng(loaded["rng"], self.info.rank), ts["host_rng"].get(
-            f"rank{self.info.rank}", ts["host_rng"]["rank0"]))  # fmt: skip
+        host = ts["host_rng"].get(f"rank{self.info.rank}", ts["host_rng"]["rank0"])
+        ckpt.restore_rng(ckpt.rank_rng(loaded["rng"], self.info.rank), host)
         if ts.get("config_hash") != config_hash(self.cfg):
             log.warning("%s: the run config differs from the checkpoint's (config hash changed)", path)
         log.info("%s from %s (step %d)", why, path, self.state.step)
-        self.metrics.event(why, step=self.state.step, path=str(path), merkle_root=loaded["merkle_root"])
-        self.ledger.event(why, step=self.state.step, path=str(path), merkle_root=loaded["merkle_root"],
-                          config_hash=config_hash(self.cfg), checkpoint_config_hash=ts.get("config_hash"))  # fmt: skip
+        root = loaded["merkle_root"]
+        self.metrics.event(why, step=self.state.step, path=str(path), model_root=root, **fields)
+        self.ledger.event(why, checkpoint=self._rel(path), step=self.state.step, model_root=root,
+                          config_hash=config_hash(self.cfg), checkpoint_config_hash=ts.get("config_hash"),
+                          **fields)  # fmt: skip
+        self.ledger.weights_load(path, root, purpose=why)
 
     # ---- the loop ----------------------------------------------------------------------------
     def run(self, resume: str | None = None) -> int:
@@ -119,13 +130,11 @@ class Trainer:
         try:
             while self.state.step < self.cfg.train.steps:
                 if self._stop_agreed():
-                    self._checkpoint(reason="signal")
-                    self.metrics.event("stop", step=self.state.step, signal=self.stop.signum)
-                    self.ledger.event("stop", step=self.state.step, signal=self.stop.signum)
-                    return REQUEUE_EXIT_CODE
+                    return self._stop_for_requeue()
                 self._one_step()
-            if not (self.ckpt_root / f"step-{self.state.step:08d}").is_dir():
+            if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
                 self._checkpoint(reason="final")
+            self.ledger.close("completed")
             return 0
         finally:
             self.stop.uninstall()
@@ -134,6 +143,14 @@ class Trainer:
     def _stop_agreed(self) -> bool:
         flag = 1.0 if self.stop.requested else 0.0
         return self.engine.all_reduce([flag], op="max")[0] > 0
+
+    def _stop_for_requeue(self) -> int:
+        name = signal.Signals(self.stop.signum).name if self.stop.signum else "peer rank"
+        self.metrics.event("signal", step=self.state.step, signal=name)
+        self.ledger.event("signal", step=self.state.step, signal=name, action="checkpoint and requeue")
+        self._checkpoint(reason="signal")
+        self.ledger.close("requeue")
+        return REQUEUE_EXIT_CODE
 
     def _next_batch(self) -> GlobalBatch:
         skipped = set(self.state.skipped_batches)
@@ -149,18 +166,24 @@ class Trainer:
         out = self._train_step(batch)
         if out is None:  # rolled back: the state is the checkpoint's now
             return
-        step = self.state.step
         self.state.step += 1
-        row = {"step": self.state.step, "loss": out.loss, "aux_loss": out.aux_loss, "lr": out.lr,
-               "grad_norm": out.grad_norm, "skipped": out.skip_reason is not None, "skip_reason": out.skip_reason,
-               "batch": batch.index, "batch_sha256": batch.sha256, "step_time": time.perf_counter() - t0}  # fmt: skip
+        step, skipped = self.state.step, out.skip_reason is not None
+        if not skipped:
+            self.state.tokens += int(batch.tokens_GS.numel())
+        row = {"step": step, "loss": out.loss, "aux_loss": out.aux_loss, "lr": out.lr, "grad_norm": out.grad_norm,
+               "skipped": skipped, "skip_reason": out.skip_reason, "batch": batch.index,
+               "batch_sha256": batch.sha256, "tokens": self.state.tokens, "step_time": time.perf_counter() - t0}  # fmt: skip
         alarms = self.metrics.step(row, int(batch.tokens_GS.numel()), out.load_LE)
-        self.ledger.step(step=step + 1, loss=out.loss, lr=out.lr, grad_norm=out.grad_norm,
-                         skipped=out.skip_reason is not None, batch_indices=batch.sample_indices,
-                         batch_sha256=batch.sha256, extra={"batch": batch.index, "skip_reason": out.skip_reason,
-                                                           "languages": lang_counts(batch.langs)})  # fmt: skip
+        identity = {"sample_indices": batch.sample_indices, "batch_hash": batch.sha256, "batch": batch.index}
+        if skipped:
+            self.ledger.event("skip_step", step=step, reason=out.skip_reason, loss=out.loss,
+                              grad_norm=out.grad_norm, **identity)  # fmt: skip
+        else:
+            self.ledger.step(step, tokens=self.state.tokens, loss=out.loss, grad_norm=out.grad_norm, lr=out.lr,
+                             lang_tokens={k: v * self.cfg.data.seq_len for k, v in lang_counts(batch.langs).items()},
+                             expert_load=out.load_LE, aux_loss=out.aux_loss, **identity)  # fmt: skip
         for alarm in alarms:
-            self.ledger.event("expert_dead", step=self.state.step, **alarm)
+            self.ledger.event("expert_dead", step=step, **alarm)
         self._after_step()
 
     def _after_step(self) -> None:
@@ -206,20 +229,19 @@ class Trainer:
                 return None
         if reason is not None:
             self.engine.discard()
-            self._record_skip(reason, loss)
+            self._log_skip(reason, loss)
             return StepOutcome(loss, aux, lr, float("nan"), reason, None)
         res = self.engine.step(lr)
         if not res.applied:
-            self._record_skip("nonfinite_grad", loss, res.grad_norm)
+            self._log_skip("nonfinite_grad", loss, res.grad_norm)
             return StepOutcome(loss, aux, lr, res.grad_norm, "nonfinite_grad", res.expert_load_LE)
         self.state.loss_window = stability.push(self.state.loss_window, loss)
         return StepOutcome(loss, aux, lr, res.grad_norm, None, res.expert_load_LE)
 
-    def _record_skip(self, reason: str, loss: float, grad_norm: float | None = None) -> None:
-        step = self.state.step + 1
-        log.warning("step %d skipped (%s): loss %s grad norm %s", step, reason, loss, grad_norm)
-        self.metrics.event("skip", step=step, reason=reason, loss=repr(loss), grad_norm=repr(grad_norm))
-        self.ledger.event("skip", step=step, reason=reason, loss=repr(loss), grad_norm=repr(grad_norm))
+    def _log_skip(self, reason: str, loss: float, grad_norm: float | None = None) -> None:
+        log.warning(
+            "step %d skipped (%s): loss %s grad norm %s", self.state.step + 1, reason, loss, grad_norm
+        )
 
     def _rollback(self, batch: GlobalBatch, loss: float) -> bool:
         """Restore the last checkpoint and never train on `batch`; False when there is no checkpoint."""
@@ -228,13 +250,10 @@ class Trainer:
             log.warning("loss spike at batch %d but no checkpoint to roll back to; skipping it", batch.index)
             return False
         self.engine.discard()
-        skipped = sorted(set(self.state.skipped_batches) | {batch.index})
-        at = self.state.step + 1
-        self._restore(path, "rollback")
-        self.state.skipped_batches = sorted(set(self.state.skipped_batches) | set(skipped))
-        self.metrics.event("spike_rollback", step=at, loss=loss, batch=batch.index, to_step=self.state.step)
-        self.ledger.event("spike_rollback", step=at, loss=loss, batch=batch.index, to_step=self.state.step,
-                          batch_sha256=batch.sha256)  # fmt: skip
+        skipped = set(self.state.skipped_batches) | {batch.index}
+        self._restore(path, "rollback", spike_step=self.state.step + 1, spike_loss=loss, skipped_batch=batch.index,
+                      skipped_batch_hash=batch.sha256)  # fmt: skip
+        self.state.skipped_batches = sorted(set(self.state.skipped_batches) | skipped)
         return True
 
     # ---- checkpoints -------------------------------------------------------------------------
@@ -257,10 +276,12 @@ class Trainer:
             }
             rng = {f"rank{r}": g[0] for r, g in enumerate(gathered)}
             rec = ckpt.save(self.ckpt_root, self.state.step, state, config_dict(self.cfg), trainer_state, rng)
-            ckpt.prune(self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every)
             log.info("checkpoint %s (%s)", rec["path"], reason)
-            self.metrics.event("checkpoint", step=self.state.step, path=rec["path"], reason=reason,
-                               merkle_root=rec["merkle_root"])  # fmt: skip
-            self.ledger.checkpoint(step=self.state.step, path=rec["path"], digests=rec["digests"],
-                                   merkle_root=rec["merkle_root"])  # fmt: skip
+            self.metrics.event("checkpoint", step=self.state.step, path=str(rec["path"]), reason=reason,
+                               roots=rec["roots"])  # fmt: skip
+            self.ledger.checkpoint(self.state.step, rec["path"], tokens=self.state.tokens, roots=rec["roots"])
+            for gone in ckpt.prune(
+                self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every
+            ):
+                self.ledger.event("checkpoint_deleted", path=self._rel(gone), reason="retention")
         barrier(self.info)

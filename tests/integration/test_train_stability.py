@@ -25,20 +25,28 @@ def shards(tmp_path_factory) -> Path:
 
 
 class RecordingLedger:
+    """Records the calls of the ledger hook protocol (training/hooks.py) in order."""
+
     def __init__(self):
         self.calls: list[tuple[str, dict]] = []
 
     def genesis(self, **kw):
         self.calls.append(("genesis", kw))
 
-    def step(self, **kw):
-        self.calls.append(("step", kw))
+    def step(self, step, **kw):
+        self.calls.append(("step", dict(kw, step=step)))
 
-    def checkpoint(self, **kw):
-        self.calls.append(("checkpoint", kw))
+    def checkpoint(self, step, path, **kw):
+        self.calls.append(("checkpoint", dict(kw, step=step, path=path)))
 
     def event(self, kind, **kw):
         self.calls.append((kind, kw))
+
+    def weights_load(self, path, model_root, purpose):
+        self.calls.append(("weights_load", {"path": path, "model_root": model_root, "purpose": purpose}))
+
+    def close(self, status="completed"):
+        self.calls.append(("close", {"status": status}))
 
     def of(self, kind: str) -> list[dict]:
         return [kw for k, kw in self.calls if k == kind]
@@ -78,11 +86,12 @@ def test_nonfinite_gradient_skips_the_step_and_training_goes_on(shards, tmp_path
 
     tr.engine.model.layers[0].register_forward_pre_hook(snapshot)
     assert tr.loop() == 0
-    skips = ledger.of("skip")
+    skips = ledger.of("skip_step")
     assert [(s["step"], s["reason"]) for s in skips] == [(4, "nonfinite_grad")]
     assert torch.equal(before[3], before[4])  # step 4 changed nothing
-    steps = ledger.of("step")
-    assert [s["step"] for s in steps] == list(range(1, 13)) and steps[3]["skipped"]
+    steps = ledger.of("step")  # a skipped step is a skip_step event instead of a step record
+    assert [s["step"] for s in steps] == [1, 2, 3, *range(5, 13)]
+    assert steps[3]["tokens"] == steps[2]["tokens"] + 8 * 32  # skipped tokens are not counted
     assert all(torch.isfinite(p).all() for p in tr.engine.model.parameters())
 
 
@@ -91,7 +100,7 @@ def test_spike_skip_policy(shards, tmp_path):
     hook, fired = once_at_step(tr, 8, lambda m, i, out: out * 40.0)
     tr.engine.model.norm.register_forward_hook(hook)  # logits scale with it
     assert tr.loop() == 0
-    assert fired and [(s["step"], s["reason"]) for s in ledger.of("skip")] == [(8, "spike")]
+    assert fired and [(s["step"], s["reason"]) for s in ledger.of("skip_step")] == [(8, "spike")]
     assert tr.state.skipped_batches == []  # skip policy: the batch was consumed, not replayed
 
 
@@ -101,14 +110,17 @@ def test_spike_rollback_restores_checkpoint_and_skips_the_batch(shards, tmp_path
     hook, fired = once_at_step(tr, 8, lambda m, i, out: out * 40.0)
     tr.engine.model.norm.register_forward_hook(hook)  # logits scale with it
     assert tr.loop() == 0
-    (rb,) = ledger.of("spike_rollback")
-    assert (rb["step"], rb["batch"], rb["to_step"]) == (8, 7, 5)
+    (rb,) = ledger.of("rollback")
+    assert (rb["spike_step"], rb["skipped_batch"], rb["step"]) == (8, 7, 5)
+    assert rb["checkpoint"] == "checkpoints/step-00000005"
+    ck5 = next(c for c in ledger.of("checkpoint") if c["step"] == 5)
+    assert rb["model_root"] == ck5["roots"]["model"]
+    assert ledger.of("weights_load")[0]["purpose"] == "rollback"
     assert tr.state.skipped_batches == [7]
     steps = ledger.of("step")
     # steps 6, 7 replayed from the checkpoint on the same batches; step 8 onwards never sees batch 7
-    assert [s["extra"]["batch"] for s in steps] == [0, 1, 2, 3, 4, 5, 6, 5, 6, 8, 9, 10, 11, 12]
+    assert [s["batch"] for s in steps] == [0, 1, 2, 3, 4, 5, 6, 5, 6, 8, 9, 10, 11, 12]
     assert [s["step"] for s in steps][-7:] == [6, 7, 8, 9, 10, 11, 12]
-    assert ledger.of("rollback")[0]["step"] == 5
     final = json.loads((tmp_path / "checkpoints/step-00000012/trainer_state.json").read_text())
     assert final["trainer"]["skipped_batches"] == [7]
 
@@ -117,14 +129,16 @@ def test_ledger_hooks_receive_genesis_steps_checkpoints(shards, tmp_path):
     tr, ledger = trainer(shards, tmp_path, "checkpoint.every=6")
     assert tr.loop() == 0
     (gen,) = ledger.of("genesis")
-    assert gen["seed"] == 1234 and len(gen["init_digests"]) == len(tr.engine.model.state_dict())
-    assert gen["data"]["root_hash"] and set(gen["data"]["languages"]) == {"ko", "en", "ja", "code"}
+    assert gen["seed"] == 1234 and len(gen["init_state"]) == len(tr.engine.model.state_dict())
+    assert gen["data_manifest_root"] == json.loads((shards / "manifest.json").read_text())["root_hash"]
     steps = ledger.of("step")
-    assert len(steps) == 12 and all(
-        len(s["batch_indices"]) == 8 and len(s["batch_sha256"]) == 64 for s in steps
-    )
-    assert len({s["batch_sha256"] for s in steps}) == 12
+    assert [s["step"] for s in steps] == list(range(1, 13))
+    assert all(len(s["sample_indices"]) == 8 and len(s["batch_hash"]) == 64 for s in steps)
+    assert len({s["batch_hash"] for s in steps}) == 12 and steps[-1]["tokens"] == 12 * 8 * 32
+    assert sum(steps[0]["lang_tokens"].values()) == 8 * 32 and steps[0]["expert_load"].shape == (1, 4)
     cks = ledger.of("checkpoint")
-    assert [c["step"] for c in cks] == [6, 12]
+    assert [(c["step"], c["tokens"]) for c in cks] == [(6, 6 * 256), (12, 12 * 256)]
     saved = json.loads((tmp_path / "checkpoints/step-00000012/digests.json").read_text())
-    assert cks[-1]["merkle_root"] == saved["merkle_root"] and cks[-1]["digests"] == saved["tensors"]
+    assert cks[-1]["roots"]["model"] == saved["merkle_root"]
+    assert set(cks[-1]["roots"]) == {"model", "optimizer", "rng", "data"}
+    assert ledger.calls[-1] == ("close", {"status": "completed"})
