@@ -109,8 +109,17 @@ def _apply_ac_compile(model: MoETransformer, cfg: RunConfig) -> None:
         for blk in model.layers:
             checkpoint(blk)
     if cfg.train.compile:
+        # Whole blocks on GPU in bf16 (grouped_mm compiles there); on CPU, inductor's grouped_mm wants
+        # bf16 and the expert loop has data-dependent shapes, so only the dense parts are compiled.
+        whole = torch.cuda.is_available() and cfg.train.precision == "bf16"
         for blk in model.layers:
-            blk.compile()
+            if whole:
+                blk.compile()
+                continue
+            blk.attn.compile()
+            dense = blk.mlp if not hasattr(blk.mlp, "experts") else blk.mlp.shared
+            if dense is not None:
+                dense.compile()
 
 
 def _build_fsdp(cfg: RunConfig, info: DistInfo, seed: int) -> tuple[nn.Module, MoETransformer]:
