@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 # EX_TEMPFAIL from sysexits.h: "try again later". A launcher (SLURM script, launch/) reads it as
 # "a checkpoint was written on request, requeue me"; 0 means finished, anything else a failure.
 REQUEUE_EXIT_CODE = 75
+# Written into the run directory beside the checkpoint; removed when a run starts. Under torchrun (whose
+# own exit code is 1 whenever a worker exits non-zero) this file is the launcher's "requeue me".
+REQUEUE_MARKER = "requeue.json"
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 

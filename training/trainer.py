@@ -7,6 +7,7 @@ spike rollback restores the last checkpoint and marks the offending batch as nev
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import time
@@ -29,7 +30,7 @@ from .hooks import LedgerHook, NullLedger
 from .metrics import MetricsLogger
 from .parallel import DistInfo, barrier, layout
 from .schedule import lr_at
-from .signals import REQUEUE_EXIT_CODE, StopRequest
+from .signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.info.is_main:
             ckpt.remove_partial(self.ckpt_root)
+            (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         barrier(self.info)
         self.data = TrainData(cfg)
@@ -150,6 +152,9 @@ class Trainer:
         self.ledger.event("signal", step=self.state.step, signal=name, action="checkpoint and requeue")
         self._checkpoint(reason="signal")
         self.ledger.close("requeue")
+        if self.info.is_main:  # torchrun turns a worker's exit 75 into its own 1: launchers read this file
+            marker = {"step": self.state.step, "signal": name, "exit_code": REQUEUE_EXIT_CODE}
+            (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
         return REQUEUE_EXIT_CODE
 
     def _next_batch(self) -> GlobalBatch:

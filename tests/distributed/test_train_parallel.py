@@ -88,3 +88,38 @@ def test_two_ranks_match_single_process(shards, reference, tmp_path, strategy):
         assert sorted(after) == list(range(6, STEPS + 1))
         for step in after:
             assert after[step] == pytest.approx(got[step], abs=1e-5, rel=1e-5), step
+
+
+def test_signal_to_one_rank_stops_both_at_the_same_step(shards, tmp_path):
+    import signal
+    import time
+
+    import psutil
+
+    run = tmp_path / "signalled"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kmoe.cli",
+           "train", "--config", CONFIG, "--run-dir", str(run)]  # fmt: skip
+    cmd += [
+        a for o in [f"data.shards={shards}", "train.steps=200", "checkpoint.every=0"] for a in ("--set", o)
+    ]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 180
+    while not (metrics.is_file() and '"step": 3,' in metrics.read_text()):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    rank1 = [c for c in psutil.Process(proc.pid).children(recursive=True) if c.environ().get("RANK") == "1"]
+    assert len(rank1) == 1
+    rank1[0].send_signal(signal.SIGUSR1)  # only rank 1 is told
+    out = proc.communicate(timeout=180)[0]
+    marker = json.loads((run / "requeue.json").read_text())
+    assert marker["exit_code"] == 75 and marker["step"] < 200, out[-3000:]
+    stop = marker["step"]
+    assert max(losses(run)) == stop  # rank 0 stopped after the same step rank 1 did
+    state = json.loads((run / f"checkpoints/step-{stop:08d}/trainer_state.json").read_text())
+    assert state["reason"] == "signal" and state["world_size"] == 2
+    # torchrun reports the workers' 75 and exits 1 itself, hence the marker file for launchers
+    assert proc.returncode == 1 and "exitcode  : 75" in out, out[-3000:]
