@@ -32,9 +32,9 @@ def overrides(shards: Path, strategy: str) -> list[str]:
             f"parallel.strategy={strategy}"]  # fmt: skip
 
 
-def torchrun(shards: Path, run_dir: Path, strategy: str) -> None:
+def torchrun(shards: Path, run_dir: Path, strategy: str, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "kmoe.cli",
-           "train", "--config", CONFIG, "--run-dir", str(run_dir)]  # fmt: skip
+           "train", "--config", CONFIG, "--run-dir", str(run_dir), *args]  # fmt: skip
     cmd += [a for o in overrides(shards, strategy) for a in ("--set", o)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -123,3 +123,13 @@ def test_signal_to_one_rank_stops_both_at_the_same_step(shards, tmp_path):
     assert state["reason"] == "signal" and state["world_size"] == 2
     # torchrun reports the workers' 75 and exits 1 itself, hence the marker file for launchers
     assert proc.returncode == 1 and "exitcode  : 75" in out, out[-3000:]
+
+
+@pytest.mark.full
+def test_fsdp_checkpoint_resumes_on_two_ranks(shards, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    torchrun(shards, first, "fsdp")
+    torchrun(shards, second, "fsdp", "--resume", str(first / "checkpoints/step-00000005"))
+    a, b = losses(first), losses(second)
+    assert sorted(b) == list(range(6, STEPS + 1))
+    assert all(b[s] == pytest.approx(a[s], abs=1e-6) for s in b)
