@@ -142,3 +142,15 @@ def test_ledger_hooks_receive_genesis_steps_checkpoints(shards, tmp_path):
     assert cks[-1]["roots"]["model"] == saved["merkle_root"]
     assert set(cks[-1]["roots"]) == {"model", "optimizer", "rng", "data"}
     assert ledger.calls[-1] == ("close", {"status": "completed"})
+
+
+def test_collapsed_expert_raises_the_alarm(shards, tmp_path, caplog):
+    tr, ledger = trainer(shards, tmp_path, "train.steps=5", "log.every=5")
+    with torch.no_grad():  # expert 2 of the MoE layer can never win the top-k: it collapses
+        tr.engine.model.layers[1].mlp.router.expert_bias[2] = -100.0
+    with caplog.at_level("WARNING", logger="training.metrics"):
+        assert tr.loop() == 0
+    assert ledger.of("expert_dead") == [{"step": 5, "moe_layer": 0, "experts": [2]}]
+    assert "expert collapse" in caplog.text
+    rows = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert next(r for r in rows if r.get("step") == 5 and "expert_layers" in r)["expert_dead_frac"] == 0.25

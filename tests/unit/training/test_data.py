@@ -1,10 +1,14 @@
 """The train stream: megatron GPTDataset blend, deterministic from the seed, clear errors on bad input."""
 
+from pathlib import Path
+
 import pytest
 
 from training.config import load_run_config
 from training.data import TrainData
 from training.toy_shards import write_toy_shards
+
+CONFIG = str(Path(__file__).resolve().parents[3] / "configs/train/toy.yaml")
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +17,7 @@ def shards(tmp_path_factory):
 
 
 def data(shards, *extra):
-    return TrainData(load_run_config("configs/train/toy.yaml", [f"data.shards={shards}", *extra]))
+    return TrainData(load_run_config(CONFIG, [f"data.shards={shards}", *extra]))
 
 
 def test_deterministic_blend_and_batch_hash(shards):
