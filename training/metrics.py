@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from kmoe.hashing import sha256_bytes
 from model.router import load_stats
 
 log = logging.getLogger(__name__)
@@ -78,8 +79,10 @@ class MetricsLogger:
 
             from .config import config_dict
 
-            return wandb.init(project=self.cfg.log.wandb_project, name=self.cfg.name, dir=str(run_dir),
-                              mode=mode, config=config_dict(self.cfg), reinit="finish_previous")  # fmt: skip
+            # One wandb run id per run directory, so the pieces of a resumed run are one run after `wandb sync`.
+            run_id = f"{self.cfg.name}-{sha256_bytes(str(run_dir.resolve()).encode())[:8]}"
+            return wandb.init(project=self.cfg.log.wandb_project, name=self.cfg.name, dir=str(run_dir), id=run_id,
+                              resume="allow", mode=mode, config=config_dict(self.cfg), reinit="finish_previous")  # fmt: skip
         except Exception as e:  # metrics must never stop training
             log.warning("wandb unavailable (%s); metrics.jsonl only", e)
             return None
