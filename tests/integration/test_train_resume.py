@@ -65,7 +65,8 @@ def final_digests(run_dir: Path, step: int = 30) -> dict[str, str]:
 def launch(shards: Path, run_dir: Path, resume: str = "none") -> subprocess.Popen:
     cmd = [sys.executable, "-m", "kmoe.cli", "train", "--config", CONFIG, "--run-dir", str(run_dir),
            "--resume", resume] + [a for o in overrides(shards) for a in ("--set", o)]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    # Same thread count as the in-process runs it is compared with (bit-exactness may depend on it).
+    env = dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads()), PYTHONPATH=str(REPO))
     return subprocess.Popen(
         cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
