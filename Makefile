@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean demo-model demo-tokenizer demo-audit
+.PHONY: install check test test-full demo clean demo-model demo-data demo-tokenizer demo-train demo-audit
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ test-full: check
 	$(PY) -m pytest tests
 
 # Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model demo-tokenizer demo-audit
+demo: install demo-model demo-tokenizer demo-train demo-audit
 	@echo "demo finished: outputs under $(DEMO)/"
 
 demo-model: install
@@ -67,6 +67,15 @@ demo-tokenizer: install
 	@mkdir -p $(DEMO)
 	$(KMOE) tokenizer train --config configs/tokenizer/demo.yaml --out $(DEMO)/tokenizer
 	$(KMOE) tokenizer report $(DEMO)/tokenizer --text .cache/tok-dev/heldout/{ko,ko-gnome,en,ja,code}.txt
+
+# Training (issue 5): the tiny MoE on the demo shards (rerun resumes), then HF export checked in transformers.
+TRAIN_DEMO := --config configs/train/tiny.yaml --set data.shards=$(DEMO)/data --run-dir $(DEMO)/runs/tiny
+demo-train: install
+	@test -f $(DEMO)/data/manifest.json || { echo "demo-train: $(DEMO)/data/manifest.json missing (make demo-data)"; exit 1; }
+	$(KMOE) train $(TRAIN_DEMO) --dry-run | tail -n 12
+	$(KMOE) train $(TRAIN_DEMO) --resume auto
+	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(DEMO)/hf-tiny --dtype float32 \
+		--tokenizer $(DEMO)/data/tokenizer --verify
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -1,0 +1,255 @@
+"""Training data: megatron-core GPTDataset over the language shards, blended by the config's weights.
+
+The train stream is one BlendedDataset; global batch `b` is samples [b*G, (b+1)*G) of it, so the data
+position is a single integer (`batch_cursor`, in the checkpoint) and a resumed run reads exactly the batches
+an uninterrupted run would have read. Every rank reads the whole global batch (to hash it and count its loss
+tokens) and trains on its own contiguous slice. Validation uses one GPTDataset per language on the
+held-out ("valid") part of the document split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kmoe.hashing import sha256_file, tensor_digest
+
+from .config import RunConfig
+
+log = logging.getLogger(__name__)
+# megatron-core logs every index it builds (and that it caches nothing without path_to_cache) at INFO/WARNING.
+logging.getLogger("megatron").setLevel(logging.ERROR)
+# Importing megatron.core warns that TransformerEngine/Apex are missing; the dataset path needs neither.
+warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+
+
+@dataclass
+class GlobalBatch:
+    index: int  # batch number in the train stream
+    sample_indices: list[int]  # indices into the blended train stream
+    langs: list[str]  # language of each sample
+    tokens_GS: torch.Tensor  # int64 inputs
+    labels_GS: torch.Tensor  # int64 next tokens
+    loss_mask_GS: torch.Tensor  # float32, 1 where the label counts
+
+    @property
+    def sha256(self) -> str:
+        """sha256 of the batch's token ids ([G, S+1] int32: inputs plus the last label; see docs/training.md)."""
+        text = torch.cat([self.tokens_GS, self.labels_GS[:, -1:]], dim=1).to(torch.int32)
+        return tensor_digest(text)
+
+
+class ShardTokenizer:
+    """The few tokenizer facts GPTDataset needs (it never encodes text here)."""
+
+    def __init__(self, vocab_size: int, eod: int, pad: int, identity: str):
+        self.vocab_size, self.eod, self.pad = vocab_size, eod, pad
+        self.unique_identifiers = {"class": "kmoe.ShardTokenizer", "identity": identity}
+
+
+def shard_prefixes(shards: Path) -> dict[str, str]:
+    """Language -> megatron path prefix, from `<shards>/shards/<lang>.idx` or `<shards>/<lang>.idx`."""
+    for folder in (shards / "shards", shards):
+        found = {p.stem: str(p.with_suffix("")) for p in sorted(folder.glob("*.idx"))}
+        if found:
+            missing = [lang for lang, pre in found.items() if not Path(pre + ".bin").is_file()]
+            if missing:
+                raise ValueError(f"data.shards: {folder}/{missing[0]}.bin missing beside its .idx")
+            return found
+    raise ValueError(f"data.shards: no <lang>.bin/.idx shards under {shards} or {shards}/shards")
+
+
+def read_special_ids(cfg: RunConfig) -> tuple[int, int, str]:
+    """(eod, pad, tokenizer identity) from the tokenizer dir (data.tokenizer or <shards>/tokenizer)."""
+    shards = Path(cfg.data.shards)
+    tok_dir = Path(cfg.data.tokenizer) if cfg.data.tokenizer else shards / "tokenizer"
+    meta = tok_dir / "kmoe_tokenizer.json"
+    if not meta.is_file():
+        raise ValueError(
+            f"data.tokenizer: {meta} not found; set data.tokenizer to the tokenizer directory the shards "
+            "were encoded with (it holds kmoe_tokenizer.json with the EOD id)"
+        )
+    info = json.loads(meta.read_text())
+    ids = info.get("special_ids", {})
+    if "eos" not in ids:
+        raise ValueError(f"{meta}: special_ids.eos (the EOD token of the shards) is missing")
+    return int(ids["eos"]), int(ids.get("pad", -1)), str(info.get("digest", sha256_file(meta)))
+
+
+def manifest_info(shards: Path) -> dict[str, Any]:
+    """Root hash and file digest of the shard manifest (the ledger records them)."""
+    path = shards / "manifest.json"
+    if not path.is_file():
+        raise ValueError(f"data.shards: {path} not found (the output of `kmoe data build` has one)")
+    manifest = json.loads(path.read_text())
+    return {
+        "manifest": str(path),
+        "manifest_sha256": sha256_file(path),
+        "root_hash": manifest.get("root_hash"),
+    }
+
+
+def blend_weights(cfg: RunConfig, prefixes: dict[str, str]) -> dict[str, float]:
+    """Config blend (language -> weight), or token shares when the blend is empty; sorted by language."""
+    if not cfg.data.blend:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        shares = {}
+        for lang, pre in sorted(prefixes.items()):
+            ds = IndexedDataset(pre)  # keep it alive while its memory map is read
+            shares[lang] = float(ds.sequence_lengths.sum())
+            del ds
+        return shares
+    unknown = sorted(set(cfg.data.blend) - set(prefixes))
+    if unknown:
+        raise ValueError(
+            f"data.blend.{unknown[0]}: no shard for this language under {cfg.data.shards} "
+            f"(found: {', '.join(sorted(prefixes))})"
+        )
+    weights = {lang: w for lang, w in sorted(cfg.data.blend.items()) if w > 0}
+    if not weights:
+        raise ValueError("data.blend: every weight is 0")
+    return weights
+
+
+def _gpt_config(cfg: RunConfig, tokenizer: ShardTokenizer, blend: tuple[list[str], list[float] | None]):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=cfg.train.seed,
+        sequence_length=cfg.data.seq_len,
+        blend=blend,
+        split=cfg.data.split,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        path_to_cache=None,
+        mmap_bin_files=True,
+    )
+
+
+def _build(cfg, tokenizer, blend, sizes: list[int]) -> list:
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    return BlendedMegatronDatasetBuilder(
+        GPTDataset, sizes, lambda: True, _gpt_config(cfg, tokenizer, blend)
+    ).build()
+
+
+def samples_needed(cfg: RunConfig) -> int:
+    """Train samples to index: every step's batch plus headroom for batches skipped by spike rollbacks."""
+    g = cfg.train.global_batch_size
+    return (cfg.train.steps + max(8, cfg.train.steps // 10)) * g
+
+
+class TrainData:
+    """The blended train stream and the per-language validation sets of one run."""
+
+    def __init__(self, cfg: RunConfig):
+        shards = Path(cfg.data.shards)
+        if not cfg.data.shards or not shards.is_dir():
+            raise ValueError(f"data.shards: {cfg.data.shards!r} is not a directory")
+        self.cfg = cfg
+        self.prefixes = shard_prefixes(shards)
+        self.weights = blend_weights(cfg, self.prefixes)
+        self.langs = list(self.weights)
+        eod, pad, tok_id = read_special_ids(cfg)
+        self.tokenizer = ShardTokenizer(cfg.model.vocab_size, eod, pad, tok_id)
+        self.manifest = manifest_info(shards)
+        blend = ([self.prefixes[lang] for lang in self.langs], [self.weights[lang] for lang in self.langs])
+        self.train = _build(cfg, self.tokenizer, blend, [samples_needed(cfg), 0, 0])[0]
+        if self.train is None:
+            raise ValueError(f"data.split: {cfg.data.split!r} leaves no training documents")
+        self.num_batches = len(self.train) // cfg.train.global_batch_size
+        self._valid: dict[str, Any] | None = None
+
+    def describe(self) -> dict[str, Any]:
+        total = sum(self.weights.values())
+        return {
+            "shards": self.cfg.data.shards,
+            "languages": {lang: self.weights[lang] / total for lang in self.langs},
+            "prefixes": {lang: self.prefixes[lang] for lang in self.langs},
+            "seq_len": self.cfg.data.seq_len,
+            "split": self.cfg.data.split,
+            "seed": self.cfg.train.seed,
+            "tokenizer": self.tokenizer.unique_identifiers["identity"],
+            **self.manifest,
+        }
+
+    def global_batch(self, index: int) -> GlobalBatch:
+        g = self.cfg.train.global_batch_size
+        if index >= self.num_batches:
+            raise ValueError(
+                f"data: batch {index} is past the {self.num_batches} batches indexed for train.steps "
+                f"{self.cfg.train.steps} (too many batches skipped?)"
+            )
+        idx = list(range(index * g, (index + 1) * g))
+        items = [self.train[i] for i in idx]
+        langs = [self.langs[int(it["dataset_id"])] if "dataset_id" in it else self.langs[0] for it in items]
+        batch = GlobalBatch(
+            index=index,
+            sample_indices=idx,
+            langs=langs,
+            tokens_GS=torch.stack([it["tokens"] for it in items]).long(),
+            labels_GS=torch.stack([it["labels"] for it in items]).long(),
+            loss_mask_GS=torch.stack([it["loss_mask"] for it in items]).float(),
+        )
+        check_vocab(batch, self.cfg.model.vocab_size)
+        return batch
+
+    def valid_sets(self) -> dict[str, Any]:
+        """One GPTDataset per language over its held-out documents (built on first use)."""
+        if self._valid is None:
+            n = self.cfg.train.eval_batches * self.cfg.train.micro_batch_size
+            self._valid = {}
+            for lang in self.langs:
+                ds = _build(self.cfg, self.tokenizer, ([self.prefixes[lang]], None), [0, n, 0])[1]
+                if ds is None:
+                    log.warning(
+                        "data.split %s leaves no validation documents for %s", self.cfg.data.split, lang
+                    )
+                    continue
+                self._valid[lang] = ds
+        return self._valid
+
+
+def check_vocab(batch: GlobalBatch, vocab_size: int) -> None:
+    top = int(max(batch.tokens_GS.max(), batch.labels_GS.max()))
+    if top >= vocab_size:
+        row = int(
+            (batch.tokens_GS.max(1).values.maximum(batch.labels_GS.max(1).values) >= vocab_size).nonzero()[0]
+        )
+        raise ValueError(
+            f"data: token id {top} in sample {batch.sample_indices[row]} ({batch.langs[row]}) is >= "
+            f"model.vocab_size {vocab_size}; the shards were encoded with a larger vocabulary"
+        )
+
+
+def valid_samples(ds: Any, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    items = [ds[i] for i in range(min(n, len(ds)))]
+    return (
+        torch.stack([it["tokens"] for it in items]).long(),
+        torch.stack([it["labels"] for it in items]).long(),
+        torch.stack([it["loss_mask"] for it in items]).float(),
+    )
+
+
+def rank_slice(batch: GlobalBatch, rank: int, world: int) -> slice:
+    """This rank's contiguous share of the global batch."""
+    per = len(batch.sample_indices) // world
+    return slice(rank * per, (rank + 1) * per)
+
+
+def lang_counts(langs: list[str]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for lang in langs:
+        out[lang] = out.get(lang, 0) + 1
+    return out

@@ -1,0 +1,14 @@
+"""Training engines: one interface (base.py), the native PyTorch engine (native.py)."""
+
+from .base import Engine, LossStats, MicroBatch, StepResult
+
+__all__ = ["Engine", "LossStats", "MicroBatch", "StepResult", "build_engine"]
+
+
+def build_engine(cfg, dist) -> Engine:
+    """The engine named by `engine.name` (megatron/deepspeed engines plug in here)."""
+    if cfg.engine.name == "native":
+        from .native import NativeEngine
+
+        return NativeEngine(cfg, dist)
+    raise ValueError(f"engine.name: {cfg.engine.name!r} is not implemented yet (available: native)")
