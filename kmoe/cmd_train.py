@@ -58,11 +58,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _ledger(run_dir):
-    """The run's ledger (`training.ledger.Ledger.open`, issue 6) when that module is present, else None."""
-    try:
-        from training.ledger import Ledger  # written on the ledger branch
-    except ImportError:
-        return None
+    """The run's tamper-evident ledger (rank 0 only)."""
+    from training.ledger import Ledger
+
     return Ledger.open(run_dir)
 
 

@@ -5,7 +5,7 @@ canonical encoding, so any edit, deletion, insertion or reordering breaks the ch
 signs the chain head after every checkpoint and at the end; its public key is in the genesis record and the
 private key lives outside the run directory (default `<runs>/.keys/<run>.ed25519`, mode 0600).
 
-The trainer talks to it through `LedgerHook` (genesis, step, checkpoint, event, close); each call appends
+The trainer talks to it through `training.hooks.LedgerHook` (genesis, step, checkpoint, event, close); each call appends
 one record, flushed and fsynced before it returns, so a crash loses at most the line being written, and that
 torn line is kept and recorded on reopen (a `torn_tail` event), never dropped or repaired.
 """
@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -41,21 +41,6 @@ log = logging.getLogger(__name__)
 
 class LedgerError(ValueError):
     """The ledger file or its key cannot be used as asked (message names the file, line or record)."""
-
-
-class LedgerHook(Protocol):
-    """What the trainer calls; `Ledger` implements it (a no-op implementation is fine for dry runs)."""
-
-    def genesis(
-        self, *, config: dict[str, Any], seed: int, init_state: Mapping[str, Any], **kw: Any
-    ) -> dict: ...
-    def step(
-        self, step: int, *, tokens: int, loss: float, grad_norm: float, lr: float, **kw: Any
-    ) -> dict: ...
-    def checkpoint(self, step: int, path: str | Path, *, tokens: int, roots: dict[str, str]) -> dict: ...
-    def event(self, kind: str, **fields: Any) -> dict: ...
-    def resume(self, path: str | Path, step: int, model_root: str, kind: str = "resume") -> None: ...
-    def close(self, status: str = "completed") -> None: ...
 
 
 # ---------------------------------------------------------------- keys
