@@ -15,6 +15,7 @@ import json
 import logging
 from pathlib import Path
 
+from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from data_prep import accounting, tokenizer_io
@@ -145,9 +146,25 @@ def _guard_out(out: Path, chash: str) -> None:
     marker.write_text(chash + "\n")
 
 
+def _quiet_datatrove() -> None:
+    """datatrove logs every task's pipeline and stats to the console at INFO; keep its warnings there (its
+    full per-task logs are still written to OUT/work/logs/<stage>/logs/ by the executor)."""
+    import sys
+
+    import datatrove.utils.logging as dlog
+
+    def setup_default_logger() -> None:
+        dlog.logger.remove()
+        dlog.logger.add(sys.stderr, level="WARNING")
+
+    dlog.setup_default_logger = setup_default_logger  # called again after every task
+    setup_default_logger()
+
+
 def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
     """Run every stage; returns the manifest. `tokenizer` overrides the config's (an object or a directory)."""
     out = Path(out)
+    _quiet_datatrove()
     if tokenizer is None and cfg.tokenizer.path:
         tokenizer = cfg.tokenizer.path
     _guard_out(out, config_hash(cfg))
@@ -165,12 +182,17 @@ def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
     return json.loads((out / "manifest.json").read_text())
 
 
+class QuietLocalExecutor(LocalPipelineExecutor):
+    """LocalPipelineExecutor whose tasks log to their files only (datatrove prints local_rank 0 at INFO)."""
+
+    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
+        return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
+
+
 def _executor(cfg: DataConfig, out: Path, name: str, pipeline, tasks: int, workers: int, depends):
     logs = str(out / "work" / "logs" / name)
     if cfg.executor.kind == "local":
-        from datatrove.executor import LocalPipelineExecutor
-
-        return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logs)
+        return QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logs)
     from datatrove.executor import SlurmPipelineExecutor
 
     s = cfg.executor.slurm

@@ -65,7 +65,7 @@ def ddtp_entries(text: str) -> Iterator[str]:
     """Description paragraphs of a DDTP Translation file: short line, then the long text."""
     for block in text.split("\n\n"):
         lines = block.split("\n")
-        desc = [i for i, ln in enumerate(lines) if ln.startswith("Description-")]
+        desc = [i for i, ln in enumerate(lines) if ln.startswith("Description-") and "-md5:" not in ln]
         if not desc:
             continue
         i = desc[0]
@@ -97,6 +97,7 @@ def _deb(cache: Path, name: str) -> Iterator[dict]:
         debs.mkdir(parents=True, exist_ok=True)
         _run(["apt-get", *_apt_opts(cache), "download", pkg], cwd=debs)
         deb = sorted(debs.glob(f"{pkg}_*.deb"))[-1]
+        root.mkdir(parents=True, exist_ok=True)
         _run(["dpkg-deb", "-x", str(deb), str(root)])
         (root / ".extracted").write_text("ok\n")
     for path in sorted(root.glob(pattern)):

@@ -25,12 +25,13 @@ PLACEHOLDER = {
     "email": "<|email|>",
     "ip": "<|ip|>",
 }
-_NB = r"(?<![\d\w])"  # not preceded by a digit/letter
-_NA = r"(?![\d\w])"
+_NB = r"(?<![\d\w.])"  # not preceded by a digit, letter or a decimal point
+_NA = r"(?![\d\w]|\.\d)"
 
 PATTERNS: dict[str, re.Pattern] = {
     "rrn": re.compile(_NB + r"(\d{6})[- ]?([1-8]\d{6})" + _NA),
-    "card": re.compile(_NB + r"(\d(?:[ -]?\d){12,18})" + _NA),
+    # 4-4-4-4(-3) or Amex 4-6-5 groups with one consistent separator, or 13-19 digits unbroken.
+    "card": re.compile(_NB + r"(\d{4}([ -]?)\d{4}\2\d{4}\2\d{1,7}|\d{4}([ -]?)\d{6}\3\d{5}|\d{13,19})" + _NA),
     "brn": re.compile(_NB + r"(\d{3})-(\d{2})-(\d{5})" + _NA),
     "phone": re.compile(
         r"(?<![\d\w+])(?:\+82[- ]?|0)(?:1[016789]|2|[3-6][1-5]|70)[- .)]?\d{3,4}[- .]?\d{4}" + _NA
