@@ -165,8 +165,6 @@ def validate(cfg: DataConfig, base: Path | None = None) -> None:
         raise ConfigError(f"dedup.threshold: {d.threshold} must be in (0, 1]")
     if cfg.tokenizer.path and cfg.tokenizer.train is not None:
         raise ConfigError("tokenizer: give either tokenizer.path or tokenizer.train, not both")
-    if not cfg.tokenizer.path and cfg.tokenizer.train is None:
-        raise ConfigError("tokenizer: set tokenizer.path (an existing tokenizer) or tokenizer.train")
     if cfg.tokenizer.path and not Path(cfg.tokenizer.path).is_dir():
         raise ConfigError(f"tokenizer.path: {cfg.tokenizer.path} is not a directory")
     if cfg.executor.tasks < 1 or cfg.executor.workers < 1:

@@ -167,6 +167,8 @@ def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
     _quiet_datatrove()
     if tokenizer is None and cfg.tokenizer.path:
         tokenizer = cfg.tokenizer.path
+    if tokenizer is None and cfg.tokenizer.train is None:
+        raise ConfigError("tokenizer: set tokenizer.path (an existing tokenizer) or tokenizer.train")
     _guard_out(out, config_hash(cfg))
     roots = resolve_sources(cfg)
     executors = []

@@ -35,4 +35,11 @@ def train(out_dir: Path, train_cfg: dict[str, Any]) -> Path:
 
 def describe(tok, path: str) -> dict:
     """The tokenizer's identity as recorded in manifest.json."""
-    return {"digest": tok.digest, "vocab_size": int(tok.vocab_size), "eos_id": int(tok.eos_id), "path": path}
+    pad = getattr(tok, "pad_id", None)
+    return {
+        "digest": tok.digest,
+        "vocab_size": int(tok.vocab_size),
+        "eos_id": int(tok.eos_id),
+        "pad_id": int(pad) if pad is not None and pad >= 0 else int(tok.eos_id),
+        "path": path,
+    }
