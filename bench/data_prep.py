@@ -11,6 +11,7 @@ any pipeline pays), so every figure is also printed as a ratio to it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -46,10 +47,8 @@ def time_steps(cfg, roots: list[str], out: Path) -> tuple[list[tuple[str, float,
     t0 = time.perf_counter()
     for d in docs:
         if d.kind == "jsonl":
-            try:
+            with contextlib.suppress(ValueError):
                 json.loads(d.raw)
-            except ValueError:
-                pass
     baseline = time.perf_counter() - t0
     steps = [s for s in text_pipeline(cfg, out, roots)[1:-1]] + [DedupStep(out, cfg.dedup)]
     rows = []
@@ -70,7 +69,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/data/demo.yaml")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--tokenizer", help="tokenizer dir for the full build (default: the byte-level test tokenizer)")
+    ap.add_argument(
+        "--tokenizer", help="tokenizer dir for the full build (default: the byte-level test tokenizer)"
+    )
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = load_data_config(args.config)
@@ -84,7 +85,9 @@ def main() -> int:
         build(cfg, Path(tmp) / "build", tokenizer=tok)
         wall = time.perf_counter() - t0
     base_rate = total_mb / baseline
-    print(f"input {total_mb:.1f} MB from {len(cfg.sources)} sources; baseline json.loads {base_rate:.1f} MB/s")
+    print(
+        f"input {total_mb:.1f} MB from {len(cfg.sources)} sources; baseline json.loads {base_rate:.1f} MB/s"
+    )
     print(f"{'step':<10} {'MB in':>8} {'seconds':>8} {'MB/s/core':>10} {'vs baseline':>12}")
     for name, size, secs in rows:
         rate = size / secs if secs else float("inf")
