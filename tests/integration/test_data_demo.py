@@ -46,7 +46,17 @@ def test_demo_sources_small(repo_root, tmp_path):
 
 def _cli_build(repo_root: str, out: Path) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "kmoe.cli", "data", "build", "--config", "configs/data/demo.yaml", "--out", str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "kmoe.cli",
+        "data",
+        "build",
+        "--config",
+        "configs/data/demo.yaml",
+        "--out",
+        str(out),
+    ]
     res = subprocess.run(cmd, cwd=repo_root, env=env, capture_output=True, text=True, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     return res.stdout
@@ -54,7 +64,9 @@ def _cli_build(repo_root: str, out: Path) -> str:
 
 @pytest.mark.full
 def test_demo_build_cli_is_reproducible(repo_root, tmp_path):
-    pytest.importorskip("data_prep.tokenizer", reason="the demo trains its tokenizer with data_prep.tokenizer")
+    pytest.importorskip(
+        "data_prep.tokenizer", reason="the demo trains its tokenizer with data_prep.tokenizer"
+    )
     from data_prep.blend import gpt_datasets
 
     first = _cli_build(repo_root, tmp_path / "a")
