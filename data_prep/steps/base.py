@@ -50,6 +50,7 @@ class DocStep(PipelineStep):
 
     type = "kmoe"
     name = "step"
+    progress = False  # a tqdm bar (on a terminal) for steps that run as one long task
 
     def __init__(self, out_dir: str | Path):
         super().__init__()
@@ -75,6 +76,10 @@ class DocStep(PipelineStep):
         self.setup()
         counts = StepCounts()
         writer = JsonlGzWriter(self.removed_path(rank))
+        if self.progress:
+            from tqdm import tqdm
+
+            data = tqdm(data or (), desc=self.name, unit=" docs", disable=None, mininterval=1.0)
         try:
             for doc in data or ():
                 counts.n_in += 1

@@ -15,6 +15,7 @@ from data_prep.steps.minhash import LshIndex, MinHasher
 
 class DedupStep(DocStep):
     name = "dedup"
+    progress = True
 
     def __init__(self, out_dir, cfg: DedupConfig):
         super().__init__(out_dir)

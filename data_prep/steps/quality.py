@@ -28,9 +28,10 @@ def dup_line_frac(text: str) -> float:
     return sum(c for c in counts.values() if c > 1) / len(lines)
 
 
-def top_ngram_frac(text: str, n: int = 4) -> float:
-    """Share of characters covered by the most frequent character n-gram (counted with overlap)."""
-    s = re.sub(r"\s+", "", text)
+def top_ngram_frac(text: str, n: int = 4, max_chars: int = 50_000) -> float:
+    """Share of characters covered by the most frequent character n-gram (counted with overlap); long
+    documents are judged on their first `max_chars` characters (repetition spam shows up early)."""
+    s = re.sub(r"\s+", "", text[:max_chars])
     if len(s) < n * 5:
         return 0.0
     counts = Counter(s[i : i + n] for i in range(len(s) - n + 1))
