@@ -2,7 +2,7 @@
 
 Fast test: every demo source capped at 0.3 MB (cache in .cache/data-test), shards with the byte tokenizer.
 Full test (`make test-full`): `kmoe data build --config configs/data/demo.yaml` as `make demo-data` runs it,
-with the trained sentencepiece tokenizer, twice, into two directories: same root hash, 3-way blend loads.
+with the trained sentencepiece tokenizer, twice into the same OUT path: same root hash; the blend loads.
 """
 
 from __future__ import annotations
@@ -69,12 +69,19 @@ def test_demo_build_cli_is_reproducible(repo_root, tmp_path):
     )
     from data_prep.blend import gpt_datasets
 
-    first = _cli_build(repo_root, tmp_path / "a")
+    # Same OUT path both times: the trained tokenizer records its corpus path in kmoe_tokenizer.json.
+    out = tmp_path / "out"
+    first = _cli_build(repo_root, out)
     assert "identity:" in first and "root_hash" in first
-    _cli_build(repo_root, tmp_path / "b")
+    out.rename(tmp_path / "a")
+    _cli_build(repo_root, out)
     ma = json.loads((tmp_path / "a" / "manifest.json").read_text())
-    mb = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert ma["root_hash"] == mb["root_hash"] and ma["files"] == mb["files"]
+    mb = json.loads((out / "manifest.json").read_text())
+    assert ma["files"] == mb["files"] and ma["root_hash"] == mb["root_hash"]
+    for lang in ("ko", "en", "ja", "code"):
+        assert (tmp_path / "a" / "shards" / f"{lang}.bin").read_bytes() == (
+            out / "shards" / f"{lang}.bin"
+        ).read_bytes()
     assert ma["tokenizer"]["path"] == "tokenizer" and ma["tokenizer"]["vocab_size"] == 8192
     train, _, _ = gpt_datasets(tmp_path / "a", seq_len=256, num_samples=[1000, 0, 0], split="100,0,0")
     counts = collections.Counter(int(train.dataset_index[i]) for i in range(1000))
