@@ -4,12 +4,13 @@
 - phone: mobile 010/011/016-019 and landline (02, 0NN, 070) numbers, optional +82
 - brn: business registration number NNN-NN-NNNNN with its checksum
 - card: 13-19 digit card numbers (spaces/dashes allowed) passing Luhn
-- email, ip (IPv4 with octets <= 255)
+- email, ip (public IPv4 only: private/reserved ranges and version-like numbers are left alone)
 """
 
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import re
 from collections.abc import Callable
 
@@ -33,8 +34,11 @@ PATTERNS: dict[str, re.Pattern] = {
     # 4-4-4-4(-3) or Amex 4-6-5 groups with one consistent separator, or 13-19 digits unbroken.
     "card": re.compile(_NB + r"(\d{4}([ -]?)\d{4}\2\d{4}\2\d{1,7}|\d{4}([ -]?)\d{6}\3\d{5}|\d{13,19})" + _NA),
     "brn": re.compile(_NB + r"(\d{3})-(\d{2})-(\d{5})" + _NA),
+    # One consistent separator (010-1234-5678, 02 123 4567), none (01012345678) or "(02) 123-4567";
+    # mixed forms such as the ZIP+4 "02111-1307" or decimals "0.0224614952" are not phone numbers.
     "phone": re.compile(
-        r"(?<![\d\w+])(?:\+82[- ]?|0)(?:1[016789]|2|[3-6][1-5]|70)[- .)]?\d{3,4}[- .]?\d{4}" + _NA
+        r"(?<![\d\w+.])(?:\+82[- ]?|0)(?:1[016789]|2|[3-6][1-5]|70)"
+        r"(?:([- .])\d{3,4}\1\d{4}|\d{7,8}|\) ?\d{3,4}-\d{4})" + _NA
     ),
     "email": re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}"),
     "ip": re.compile(_NB + r"((?:\d{1,3}\.){3}\d{1,3})" + r"(?![\d.]*\d)"),
@@ -75,8 +79,16 @@ def luhn(number: str) -> bool:
 
 
 def valid_ip(s: str) -> bool:
+    """A public IPv4 address. Private, loopback, link-local, multicast and documentation ranges identify no
+    person; dotted numbers with fewer than two octets >= 10 are nearly always section or version numbers
+    ("8.2.2.1", "7.4.1.2") rather than hosts."""
     parts = s.split(".")
-    return all(p.isdigit() and int(p) <= 255 and (p == "0" or not p.startswith("0")) for p in parts)
+    if not all(p.isdigit() and int(p) <= 255 and (p == "0" or not p.startswith("0")) for p in parts):
+        return False
+    if sum(int(p) >= 10 for p in parts) < 2:
+        return False
+    addr = ipaddress.ip_address(s)
+    return addr.is_global and not addr.is_multicast
 
 
 VALIDATORS: dict[str, Callable[[re.Match], bool]] = {

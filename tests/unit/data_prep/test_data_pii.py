@@ -51,9 +51,17 @@ def test_cards_use_luhn_and_ignore_decimals():
 
 
 def test_email_and_ip():
-    text, counts = scrub("메일 hong.gildong@example.co.kr 서버 192.168.0.1 버전 999.1.2.3", ALL)
+    text, counts = scrub("메일 hong.gildong@example.co.kr 서버 211.234.56.78 버전 999.1.2.3", ALL)
     assert text == "메일 <|email|> 서버 <|ip|> 버전 999.1.2.3"
     assert counts == {"email": 1, "ip": 1}
+
+
+def test_look_alikes_are_left_alone():
+    keep = (
+        "섹션 8.2.2.1 참조, LibreOffice 7.4.1.2, 사설망 192.168.0.1, 루프백 127.0.0.1, "
+        "값 0.0224614952, 우편번호 Boston, MA 02111-1307, 수치 -0.0617539772"
+    )
+    assert scrub(keep, ALL) == (keep, {})
 
 
 def test_step_counts_per_kind_and_respects_code_setting():
@@ -67,5 +75,5 @@ def test_step_counts_per_kind_and_respects_code_setting():
         and counts.notes["docs_with_pii"] == 1
     )
     keep = PiiStep("/tmp/unused", PiiConfig(apply_to_code=False))
-    code = Doc("y", "s", (0, 0, 0), text="ADDR = '10.0.0.1'", lang="code")
-    assert keep.apply(code, StepCounts()).text == "ADDR = '10.0.0.1'"
+    code = Doc("y", "s", (0, 0, 0), text="ADDR = '121.134.56.78'", lang="code")
+    assert keep.apply(code, StepCounts()).text == "ADDR = '121.134.56.78'"
