@@ -143,7 +143,14 @@ def validate(cfg: DataConfig, base: Path | None = None) -> None:
             raise ConfigError(f"sources[{i}].name: '{s.name}' is used twice")
         if not s.path:
             raise ConfigError(f"sources[{i}].path: required for a {s.type} source")
-        if s.type != "demo" and not Path(s.path).exists():
+        if s.type == "demo":
+            from data_prep.sources.demo import FETCHERS
+
+            if s.path not in FETCHERS:
+                raise ConfigError(
+                    f"sources[{i}].path: demo source '{s.path}' unknown; one of {', '.join(FETCHERS)}"
+                )
+        elif not Path(s.path).exists():
             raise ConfigError(f"sources[{i}].path: {s.path} does not exist")
     for lang in cfg.langid.languages:
         if lang not in LANGS or lang == "code":

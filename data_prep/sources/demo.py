@@ -5,6 +5,7 @@ Each fetcher writes CACHE/demo/<name>.jsonl.gz ({"text", "origin"[, "lang"]}) on
   ddtp-ko / ddtp-ja / ddtp-en  Debian package descriptions translated by people (private `apt-get update`)
   lo-help-ko                   libreoffice-help-ko HTML help pages (mixed ko/en: quality filters by Hangul share)
   faq-ko                       debian-faq-ko HTML
+  gnome-help-ko, mate-guide-ko GNOME/MATE desktop help in Korean (Mallard/DocBook XML)
   manpages-ja                  manpages-ja groff pages
   debref-ja                    debian-reference-ja HTML
   python-stdlib                the Python standard library (*.py), marked lang=code
@@ -29,11 +30,14 @@ log = logging.getLogger(__name__)
 DEB_SOURCES = {
     "lo-help-ko": ("libreoffice-help-ko", "usr/share/libreoffice/help/ko/text/**/*.html", "html"),
     "faq-ko": ("debian-faq-ko", "usr/share/doc/debian/FAQ/ko/*.html", "html"),
+    "gnome-help-ko": ("gnome-user-docs", "usr/share/help/ko/**/*.page", "html"),
+    "mate-guide-ko": ("mate-user-guide", "usr/share/help/ko/**/*.xml", "html"),
     "manpages-ja": ("manpages-ja", "usr/share/man/ja/**/*.gz", "groff"),
     "debref-ja": ("debian-reference-ja", "usr/share/doc/debian-reference-ja/**/*.html", "html"),
 }
 DDTP = {"ddtp-ko": "ko", "ddtp-ja": "ja", "ddtp-en": "en"}
 FETCHERS = sorted([*DEB_SOURCES, *DDTP, "python-stdlib"])
+FETCH_VERSION = 2  # bump when a parser changes, so cached demo files are rebuilt
 
 
 def _apt_opts(cache: Path) -> list[str]:
@@ -124,7 +128,7 @@ def fetch(name: str, cache_dir: str | Path, max_mb: float) -> Path:
     cache = Path(cache_dir)
     out = cache / "demo" / f"{name}.jsonl.gz"
     marker = out.with_name(out.name + ".done")
-    params = {"name": name, "max_mb": max_mb}
+    params = {"name": name, "max_mb": max_mb, "version": FETCH_VERSION}
     if out.is_file() and marker.is_file() and json.loads(marker.read_text()) == params:
         return out
     if name in DDTP:

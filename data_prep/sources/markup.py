@@ -5,25 +5,53 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
-_SKIP = {"script", "style", "head", "header", "nav", "footer", "noscript", "select", "button"}
-_BLOCK = {
-    "p",
-    "div",
-    "br",
-    "li",
-    "h1",
-    "h2",
-    "h3",
-    "h4",
-    "h5",
-    "h6",
-    "tr",
-    "pre",
-    "dt",
-    "dd",
-    "table",
-    "section",
-}
+# Mallard <info> and DocBook *info blocks hold credits (names, e-mails) and metadata, not prose.
+_SKIP = set(
+    [
+        "script",
+        "style",
+        "head",
+        "header",
+        "nav",
+        "footer",
+        "noscript",
+        "select",
+        "button",
+        "info",
+        "articleinfo",
+        "bookinfo",
+        "sectioninfo",
+        "legalnotice",
+    ]
+)
+_BLOCK = set(
+    [
+        "p",
+        "div",
+        "br",
+        "li",
+        "h1",
+        "h2",
+        "h3",
+        "h4",
+        "h5",
+        "h6",
+        "tr",
+        "pre",
+        "dt",
+        "dd",
+        "table",
+        "section",
+        "title",
+        "item",
+        "para",
+        "listitem",
+        "note",
+        "screen",
+        "code",
+        "desc",
+    ]
+)
 
 
 class _Text(HTMLParser):

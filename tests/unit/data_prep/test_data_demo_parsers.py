@@ -37,3 +37,12 @@ def test_groff_to_text_keeps_prose():
     text = groff_to_text(src)
     assert "comment" not in text and ".TH" not in text
     assert "名前" in text and "ls - ディレクトリの内容を 一覧表示する" in text and "[オプション]" in text
+
+
+def test_mallard_credits_are_not_text():
+    page = (
+        '<page xmlns="http://projectmallard.org/1.0/"><info><credit type="author"><name>홍길동</name>'
+        "<email>hong@example.org</email></credit><desc>요약</desc></info><title>새 사용자 추가</title>"
+        "<p>컴퓨터에 사용자 계정을 추가할 수 있습니다.</p></page>"
+    )
+    assert html_to_text(page) == "새 사용자 추가\n\n컴퓨터에 사용자 계정을 추가할 수 있습니다."
