@@ -1,7 +1,8 @@
 """MinHash over character shingles + LSH banding (pure numpy, deterministic from a seed).
 
-Character n-grams (whitespace removed) because Korean attaches particles to words: "데이터를" and
-"데이터가" share no whitespace token but share most character shingles.
+Character n-grams (whitespace removed) because Korean attaches particles to words: changing one particle
+("데이터를" -> "데이터가") breaks every whitespace-word n-gram that contains the word, but only the few
+character n-grams that span the particle.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import re
 
 import numpy as np
 
-_MERSENNE = np.uint64((1 << 61) - 1)
 _MAX32 = np.uint64(0xFFFFFFFF)
 _WS = re.compile(r"\s+")
 
@@ -22,8 +22,10 @@ class MinHasher:
         self.ngram, self.num_perm, self.bands = ngram, num_perm, bands
         self.rows = num_perm // bands
         rng = np.random.Generator(np.random.PCG64(seed))
-        self.a = rng.integers(1, 1 << 32, size=num_perm, dtype=np.uint64)
-        self.b = rng.integers(0, 1 << 32, size=num_perm, dtype=np.uint64)
+        # Multiply-shift hashing of 32-bit shingles: h(x) = ((a*x + b) mod 2^64) >> 32 with odd a; as good a
+        # permutation family for MinHash as (a*x + b) mod p, without the (slow) 64-bit modulo.
+        self.a = rng.integers(0, 1 << 64, size=num_perm, dtype=np.uint64, endpoint=False) | np.uint64(1)
+        self.b = rng.integers(0, 1 << 64, size=num_perm, dtype=np.uint64, endpoint=False)
         self.powers = np.array(
             [pow(1_000_003, ngram - 1 - k, 1 << 64) for k in range(ngram)], dtype=np.uint64
         )
@@ -53,7 +55,7 @@ class MinHasher:
         for i in range(0, len(sh), chunk):
             part = sh[i : i + chunk, None]
             with np.errstate(over="ignore"):
-                vals = (part * self.a[None, :] + self.b[None, :]) % _MERSENNE
+                vals = (part * self.a[None, :] + self.b[None, :]) >> np.uint64(32)
             np.minimum(sig, vals.min(axis=0), out=sig)
         return (sig & _MAX32).astype(np.uint32)
 
