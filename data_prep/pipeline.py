@@ -24,6 +24,7 @@ from data_prep.manifest import build_manifest
 from data_prep.records import write_json
 from data_prep.shards import ShardStep
 from data_prep.sources.demo import fetch
+from data_prep.sources.files import preflight
 from data_prep.sources.reader import ReadStep
 from data_prep.stages import KeptWriter, Stage1Reader, Stage1Writer
 from data_prep.steps.decode import DecodeStep
@@ -171,6 +172,7 @@ def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
         raise ConfigError("tokenizer: set tokenizer.path (an existing tokenizer) or tokenizer.train")
     _guard_out(out, config_hash(cfg))
     roots = resolve_sources(cfg)
+    preflight(cfg.sources, [Path(r) for r in roots])
     executors = []
     for name, pipeline, tasks, workers in stages(cfg, out, roots, tokenizer):
         executors.append(

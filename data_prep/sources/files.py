@@ -134,3 +134,49 @@ def _str_doc(doc_id: str, src: SourceConfig, order, value, lang: str) -> Doc:
     else:
         doc.meta["bad_value"] = type(value).__name__  # the decode step rejects it with a reason
     return doc
+
+
+def preflight(sources: list[SourceConfig], roots: list[Path]) -> None:
+    """Fail before any work when a source cannot be what the config says: no files, or a text field that
+    its first record does not have (one bad record is accounted for; a wrong field name would remove all)."""
+    from kmoe.configtree import ConfigError
+
+    for i, (src, root) in enumerate(zip(sources, roots)):
+        units = list_units([src], [root])
+        if not units:
+            raise ConfigError(
+                f"sources[{i}] ({src.name}): no {src.type} input under {root} (glob '{src.glob}')"
+            )
+        first = Path(units[0].path)
+        if src.type in ("jsonl", "demo"):
+            keys = _first_json_keys(first)
+            if keys is not None and src.text_field not in keys:
+                raise ConfigError(
+                    f"sources[{i}].text_field: '{src.text_field}' not in the first record of {first} "
+                    f"(keys: {', '.join(sorted(keys)[:10])})"
+                )
+        elif src.type == "parquet":
+            import pyarrow.parquet as pq
+
+            names = pq.ParquetFile(first).schema_arrow.names
+            if src.text_field not in names:
+                raise ConfigError(
+                    f"sources[{i}].text_field: no column '{src.text_field}' in {first} ({', '.join(names)})"
+                )
+
+
+def _first_json_keys(path: Path) -> set[str] | None:
+    """Keys of the first parseable JSON object among the first lines, or None (nothing to judge by)."""
+    import json
+
+    with _open_binary(path) as f:
+        for n, line in enumerate(f):
+            if n >= 5:
+                return None
+            try:
+                obj = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(obj, dict):
+                return set(obj)
+    return None

@@ -63,3 +63,20 @@ def test_hf_dataset_saved_to_disk(tmp_path):
     datasets.Dataset.from_dict({"text": TEXTS}).save_to_disk(str(tmp_path / "ds"))
     src = SourceConfig(name="h", type="hf", path=str(tmp_path / "ds"))
     assert _read(src, tmp_path / "ds") == TEXTS
+
+
+def test_preflight_names_the_key_and_file(tmp_path):
+    from data_prep.sources.files import preflight
+    from kmoe.configtree import ConfigError
+
+    (tmp_path / "a.jsonl").write_text('{"body": "본문"}\n')
+    src = SourceConfig(name="j", type="jsonl", path=str(tmp_path))
+    with pytest.raises(
+        ConfigError, match=r"sources\[0\].text_field: 'text' not in the first record of .*a.jsonl"
+    ):
+        preflight([src], [tmp_path])
+    preflight([SourceConfig(name="j", type="jsonl", path=str(tmp_path), text_field="body")], [tmp_path])
+    empty = tmp_path / "none"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match=r"sources\[0\] \(t\): no text input"):
+        preflight([SourceConfig(name="t", type="text", path=str(empty))], [empty])
