@@ -257,3 +257,34 @@ def test_kmoe_data_stats_and_verify(built, capsys):
     text = capsys.readouterr().out
     assert "identity: 22 in = 14 kept + 4 removed + 4 errors" in text
     assert manifest["root_hash"] in text and "every file matches" in text
+
+
+def test_cli_reports_config_errors_before_work(tmp_path, capsys):
+    from kmoe.cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jsonl").write_text('{"content": "본문입니다."}\n')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"sources: [{{name: a, type: jsonl, path: {tmp_path / 'in'}}}]\ntokenizer: {{path: {tmp_path}}}\n"
+    )
+    assert main(["data", "build", "--config", str(cfg), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "sources[0].text_field: 'text' not in the first record of" in err and "a.jsonl" in err
+    assert not (tmp_path / "out" / "corpus").exists()
+    assert (
+        main(
+            [
+                "data",
+                "build",
+                "--config",
+                str(cfg),
+                "--out",
+                str(tmp_path / "o2"),
+                "--set",
+                "normalize.form=NFKC",
+            ]
+        )
+        == 2
+    )
+    assert "normalize.form: 'NFKC' is not one of 'NFC'" in capsys.readouterr().err
