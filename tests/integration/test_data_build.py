@@ -288,3 +288,19 @@ def test_cli_reports_config_errors_before_work(tmp_path, capsys):
         == 2
     )
     assert "normalize.form: 'NFKC' is not one of 'NFC'" in capsys.readouterr().err
+
+
+def test_relaunch_after_a_crash_redoes_only_the_unfinished_task(built):
+    root, _, manifest_a, out, _ = built
+    logs = out / "work" / "logs"
+    # As if task 1 of the text stage died: no marker, no output, and no later stage ever finished.
+    (logs / "text" / "completions" / "00001").unlink()
+    (out / "work" / "text" / "00001.jsonl.gz").unlink()
+    for stage in ("dedup", "shards", "finalize"):
+        for marker in (logs / stage / "completions").iterdir():
+            marker.unlink()
+    kept_task0 = (out / "work" / "text" / "00000.jsonl.gz").stat().st_mtime_ns
+    again = build(config(root / "in"), out, tokenizer=ByteTokenizer())
+    assert (out / "work" / "text" / "00000.jsonl.gz").stat().st_mtime_ns == kept_task0
+    assert (out / "work" / "text" / "00001.jsonl.gz").is_file()
+    assert again["root_hash"] == manifest_a["root_hash"]
