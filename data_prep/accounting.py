@@ -1,0 +1,105 @@
+"""Merge per-task step counters into stats.json, check that every document is accounted for, print a table.
+
+Identities checked (a failure is a bug, never a user error):
+  per step:   in = kept + sum(removed) + sum(errors)
+  chained:    in(step k+1) = kept(step k)
+  overall:    records read = kept in shards + removed(all steps, by reason) + errors(all steps, by reason)
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+STEP_ORDER = ("read", "decode", "normalize", "langid", "quality", "pii", "dedup", "mix")
+
+
+class AccountingError(RuntimeError):
+    """Counts do not add up: a document was lost or double-counted."""
+
+
+def _merge(files: list[Path]) -> dict:
+    total = {"in": 0, "kept": 0, "removed": Counter(), "errors": Counter(), "notes": Counter()}
+    for f in files:
+        d = json.loads(f.read_text())
+        total["in"] += d["in"]
+        total["kept"] += d["kept"]
+        for k in ("removed", "errors", "notes"):
+            total[k].update(d[k])
+    return {k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in total.items()}
+
+
+def merge_stats(out_dir: str | Path) -> dict:
+    """stats.json content from OUT/work/stats/<step>/*.json."""
+    root = Path(out_dir) / "work" / "stats"
+    steps = {}
+    for name in STEP_ORDER:
+        files = sorted((root / name).glob("*.json"))
+        if files:
+            steps[name] = _merge(files)
+    overall = {
+        "in": steps["read"]["in"] if "read" in steps else 0,
+        "kept": steps[STEP_ORDER[-1]]["kept"] if STEP_ORDER[-1] in steps else 0,
+        "removed": dict(
+            sorted(
+                Counter({f"{s}:{r}": n for s, d in steps.items() for r, n in d["removed"].items()}).items()
+            )
+        ),
+        "errors": dict(
+            sorted(Counter({f"{s}:{r}": n for s, d in steps.items() for r, n in d["errors"].items()}).items())
+        ),
+    }
+    pii = {
+        k.split(":", 1)[1]: v
+        for k, v in steps.get("pii", {}).get("notes", {}).items()
+        if k.startswith("pii:")
+    }
+    return {"steps": steps, "overall": overall, "pii": pii}
+
+
+def check(stats: dict) -> None:
+    """Raise AccountingError unless every identity holds."""
+    prev = None
+    for name in [s for s in STEP_ORDER if s in stats["steps"]]:
+        d = stats["steps"][name]
+        total = d["kept"] + sum(d["removed"].values()) + sum(d["errors"].values())
+        if total != d["in"]:
+            raise AccountingError(f"step {name}: in {d['in']} != kept+removed+errors {total}")
+        if prev is not None and d["in"] != prev[1]:
+            raise AccountingError(f"step {name}: in {d['in']} != kept {prev[1]} of step {prev[0]}")
+        prev = (name, d["kept"])
+    o = stats["overall"]
+    total = o["kept"] + sum(o["removed"].values()) + sum(o["errors"].values())
+    if total != o["in"]:
+        raise AccountingError(f"overall: in {o['in']} != kept+removed+errors {total}")
+
+
+def table(stats: dict) -> str:
+    """A readable accounting table: one row per step, then removal/error reasons, PII and notes."""
+    rows = [f"{'step':<10} {'in':>9} {'kept':>9} {'removed':>9} {'errors':>8}"]
+    for name in [s for s in STEP_ORDER if s in stats["steps"]]:
+        d = stats["steps"][name]
+        rows.append(
+            f"{name:<10} {d['in']:>9,} {d['kept']:>9,} {sum(d['removed'].values()):>9,} {sum(d['errors'].values()):>8,}"
+        )
+    o = stats["overall"]
+    rows.append(
+        f"{'overall':<10} {o['in']:>9,} {o['kept']:>9,} {sum(o['removed'].values()):>9,} {sum(o['errors'].values()):>8,}"
+    )
+    rows.append(f"  identity: {o['in']:,} in = {o['kept']:,} kept + {sum(o['removed'].values()):,} removed + "
+                f"{sum(o['errors'].values()):,} errors")  # fmt: skip
+    for label, key in (("removed", "removed"), ("errors", "errors")):
+        if o[key]:
+            rows.append(f"  {label} by reason: " + ", ".join(f"{k} {v:,}" for k, v in o[key].items()))
+    if stats.get("pii"):
+        rows.append("  PII replaced: " + ", ".join(f"{k} {v:,}" for k, v in stats["pii"].items()))
+    notes = {
+        f"{s}:{k}": v
+        for s, d in stats["steps"].items()
+        for k, v in d["notes"].items()
+        if not k.startswith("pii:")
+    }
+    if notes:
+        rows.append("  notes: " + ", ".join(f"{k} {v:,}" for k, v in notes.items()))
+    return "\n".join(rows)

@@ -1,0 +1,58 @@
+"""The first step of the text stage: read this task's share of input units (file i goes to task i % tasks)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from datatrove.pipeline.base import PipelineStep
+
+from data_prep.config import SourceConfig
+from data_prep.records import JsonlGzWriter, write_json
+from data_prep.sources.files import list_units, read_unit
+from data_prep.steps.base import StepCounts
+
+log = logging.getLogger(__name__)
+
+
+class ReadStep(PipelineStep):
+    """Yields raw records. A unit that cannot be read is an error (with the file and reason), not a crash."""
+
+    type = "kmoe"
+    name = "read"
+
+    def __init__(self, out_dir: str | Path, sources: list[SourceConfig], roots: list[str]):
+        super().__init__()
+        self.out_dir, self.sources, self.roots = str(out_dir), sources, roots
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        counts = StepCounts()
+        units = list_units(self.sources, [Path(r) for r in self.roots])
+        mine = [u for i, u in enumerate(units) if i % world_size == rank]
+        errors = JsonlGzWriter(Path(self.out_dir) / "corpus" / "removed" / "read" / f"{rank:05d}.jsonl.gz")
+        try:
+            for unit in mine:
+                src, root = self.sources[unit.source_index], Path(self.roots[unit.source_index])
+                n = 0
+                try:
+                    for doc in read_unit(unit, src, root):
+                        n += 1
+                        counts.n_in += 1
+                        counts.kept += 1
+                        yield doc
+                except (OSError, ValueError, EOFError) as e:
+                    # A truncated .gz or an unreadable parquet: records read so far are kept, the rest of
+                    # the file is one error naming the file.
+                    counts.n_in += 1
+                    counts.errors["unreadable_file"] += 1
+                    errors.write(
+                        {"id": unit.path, "source": src.name, "step": "read", "reason": "unreadable_file",
+                         "error": True, "detail": f"{unit.path}: after {n} records: {e}", "text": ""}
+                    )  # fmt: skip
+                    log.error("source %s: cannot read %s after %d records: %s", src.name, unit.path, n, e)
+                if n == 0:
+                    counts.notes["empty_files"] += 1
+                counts.notes["files"] += 1
+        finally:
+            errors.close()
+            write_json(Path(self.out_dir) / "work" / "stats" / "read" / f"{rank:05d}.json", counts.to_json())

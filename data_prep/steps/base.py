@@ -1,0 +1,98 @@
+"""The step protocol: `apply(doc) -> doc | Drop`, run as a datatrove PipelineStep that accounts for every doc.
+
+Each step counts in = kept + removed(by reason) + errors(by reason), writes every removed document with its
+reason to OUT/corpus/removed/<step>/<rank>.jsonl.gz and its counters to OUT/work/stats/<step>/<rank>.json.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from datatrove.pipeline.base import PipelineStep
+
+from data_prep.records import Doc, JsonlGzWriter, removed_record, write_json
+
+
+@dataclass
+class Drop:
+    """A document leaves the pipeline: `error` marks bad input (vs. a filter's decision)."""
+
+    reason: str
+    error: bool = False
+    detail: str = ""
+
+
+class StepCounts:
+    """Per-step counters; `notes` hold extra counts (repairs, PII kinds) that are not removals."""
+
+    def __init__(self) -> None:
+        self.n_in = 0
+        self.kept = 0
+        self.removed: Counter[str] = Counter()
+        self.errors: Counter[str] = Counter()
+        self.notes: Counter[str] = Counter()
+
+    def to_json(self) -> dict:
+        return {
+            "in": self.n_in,
+            "kept": self.kept,
+            "removed": dict(sorted(self.removed.items())),
+            "errors": dict(sorted(self.errors.items())),
+            "notes": dict(sorted(self.notes.items())),
+        }
+
+
+class DocStep(PipelineStep):
+    """Base of every kmoe data step. Subclasses set `name` and implement `apply`."""
+
+    type = "kmoe"
+    name = "step"
+    progress = False  # a tqdm bar (on a terminal) for steps that run as one long task
+
+    def __init__(self, out_dir: str | Path):
+        super().__init__()
+        self.out_dir = str(out_dir)
+
+    def setup(self) -> None:
+        """Load models once per task (not in __init__, so the step pickles cheaply)."""
+
+    def apply(self, doc: Doc, counts: StepCounts) -> Doc | Drop:
+        raise NotImplementedError
+
+    def finish(self, counts: StepCounts) -> Iterator[Doc]:
+        """Called after the last doc; steps that hold docs back (none yet) may yield them here."""
+        return iter(())
+
+    def removed_path(self, rank: int) -> Path:
+        return Path(self.out_dir) / "corpus" / "removed" / self.name / f"{rank:05d}.jsonl.gz"
+
+    def stats_path(self, rank: int) -> Path:
+        return Path(self.out_dir) / "work" / "stats" / self.name / f"{rank:05d}.json"
+
+    def run(self, data, rank: int = 0, world_size: int = 1):
+        self.setup()
+        counts = StepCounts()
+        writer = JsonlGzWriter(self.removed_path(rank))
+        if self.progress:
+            from tqdm import tqdm
+
+            data = tqdm(data or (), desc=self.name, unit=" docs", disable=None, mininterval=1.0)
+        try:
+            for doc in data or ():
+                counts.n_in += 1
+                with self.track_time():
+                    result = self.apply(doc, counts)
+                if isinstance(result, Drop):
+                    (counts.errors if result.error else counts.removed)[result.reason] += 1
+                    writer.write(removed_record(doc, self.name, result.reason, result.error, result.detail))
+                    continue
+                counts.kept += 1
+                yield result
+            for doc in self.finish(counts):
+                yield doc
+        finally:
+            writer.close()
+            write_json(self.stats_path(rank), counts.to_json())

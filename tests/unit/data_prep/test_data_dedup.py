@@ -1,0 +1,47 @@
+"""Exact and MinHash-LSH near dedup on character shingles, first-seen wins."""
+
+from data_prep.config import DedupConfig
+from data_prep.records import Doc
+from data_prep.steps.base import Drop, StepCounts
+from data_prep.steps.dedup import DedupStep
+from data_prep.steps.minhash import MinHasher, jaccard_estimate
+
+BASE = (
+    "한국어 자연어 처리에서는 조사와 어미가 단어에 붙기 때문에 띄어쓰기 단위의 비교가 잘 맞지 않습니다. "
+    "그래서 문서 중복을 찾을 때에는 글자 단위의 조각을 사용하는 것이 더 정확합니다. "
+    "이 문서는 중복 제거 단계의 시험을 위해 작성되었습니다."
+)
+# Particles changed (를->가, 에서는->에서), one word swapped: every whitespace token around them differs.
+NEAR = BASE.replace("처리에서는", "처리에서").replace("비교가", "비교는").replace("정확합니다", "정확하다")
+OTHER = "오늘 저녁에는 가족과 함께 김치찌개를 끓여 먹고 산책을 다녀왔습니다. 내일은 비가 온다고 합니다."
+
+
+def test_signature_is_deterministic_and_tracks_similarity():
+    h = MinHasher(5, 128, 16, seed=1)
+    assert (h.signature(BASE) == MinHasher(5, 128, 16, seed=1).signature(BASE)).all()
+    assert jaccard_estimate(h.signature(BASE), h.signature(NEAR)) > 0.7
+    assert jaccard_estimate(h.signature(BASE), h.signature(OTHER)) < 0.1
+
+
+def test_step_removes_exact_and_near_duplicates_keeping_the_first():
+    step = DedupStep("/tmp/unused", DedupConfig())
+    step.setup()
+    counts = StepCounts()
+    docs = [Doc(f"d{i}", "s", (0, 0, i), text=t, lang="ko") for i, t in enumerate([BASE, OTHER, BASE, NEAR])]
+    out = [step.apply(d, counts) for d in docs]
+    assert out[0] is docs[0] and out[1] is docs[1]
+    assert isinstance(out[2], Drop) and out[2].reason == "exact_duplicate" and "d0" in out[2].detail
+    assert isinstance(out[3], Drop) and out[3].reason == "near_duplicate" and "d0" in out[3].detail
+
+
+def test_word_ngram_shingles_would_miss_this_near_duplicate():
+    # Whitespace-word 5-gram shingles (the usual English setting): each changed particle breaks five of them.
+    def word_shingles(t):
+        w = t.split()
+        return {tuple(w[i : i + 5]) for i in range(len(w) - 4)}
+
+    a, b = word_shingles(BASE), word_shingles(NEAR)
+    words = len(a & b) / len(a | b)
+    h = MinHasher(5, 96, 12, seed=1)
+    chars = jaccard_estimate(h.signature(BASE), h.signature(NEAR))
+    assert words < 0.5 < DedupConfig().threshold < chars
