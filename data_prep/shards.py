@@ -1,6 +1,7 @@
-"""Megatron token shards: OUT/shards/<lang>.bin/.idx, one document per kept doc, EOD (= eos_id) appended.
+"""Megatron token shards: OUT/shards/<lang>.bin/.idx, one document per kept doc, framed as training sees it:
+[BOS] + ids + [EOD (= eos_id)], the same BOS the exported Hugging Face tokenizer adds.
 
-The writer needs only a tokenizer with `encode(text) -> list[int]`, `eos_id`, `vocab_size` and `digest`
+The writer needs only a tokenizer with `encode_document(text) -> list[int]`, `eos_id`, `vocab_size` and `digest`
 (data_prep.tokenizer.load_tokenizer gives one). The mix step lives here because a token budget needs tokens:
 documents past `mix.max_tokens[lang]` are removed with reason `over_token_budget`.
 """
@@ -26,7 +27,9 @@ class ShardTokenizer(Protocol):
     eos_id: int
     digest: str
 
-    def encode(self, text: str) -> list[int]: ...
+    def encode_document(self, text: str) -> list[int]:
+        """[BOS] + ids + [EOS]: one whole document as training reads it."""
+        ...
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -63,8 +66,7 @@ def write_language_shard(
         for path in kept_files(out, lang):
             for rec in read_jsonl_gz(path):
                 counts.n_in += 1
-                ids = tokenizer.encode(rec["text"])
-                ids.append(tokenizer.eos_id)
+                ids = tokenizer.encode_document(rec["text"])
                 if max_tokens is not None and tokens + len(ids) > max_tokens:
                     doc = Doc(rec["id"], rec["source"], (0, 0, 0), text=rec["text"], lang=lang)
                     removed.write(

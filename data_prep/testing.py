@@ -22,5 +22,8 @@ class ByteTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
+    def encode_document(self, text: str) -> list[int]:
+        return [self.bos_id, *self.encode(text), self.eos_id]
+
     def decode(self, ids: list[int]) -> str:
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

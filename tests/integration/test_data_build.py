@@ -198,7 +198,7 @@ def test_shards_hold_every_kept_doc_with_eod(built):
         assert len(ds) == len(docs) == manifest["counts"][lang]["docs"]
         got = sorted(tok.decode(ds[i][:-1].tolist()) for i in range(len(ds)))
         assert got == sorted(docs)
-        assert all(int(ds[i][-1]) == tok.eos_id for i in range(len(ds)))
+        assert all(int(ds[i][-1]) == tok.eos_id and int(ds[i][0]) == tok.bos_id for i in range(len(ds)))
         assert ds[0].dtype == np.uint16
 
 
