@@ -27,11 +27,16 @@ def resolve_source(source: str | Path, work_dir: Path, tokenizer: str | Path | N
     if not src.is_dir():
         raise ValueError(f"SOURCE {src}: no such directory (want a kmoe checkpoint or an HF export)")
     if (src / "config.json").is_file():
-        if tokenizer:
-            for name in SIDE_FILES[2:]:
-                if (Path(tokenizer) / name).is_file():
-                    shutil.copy2(Path(tokenizer) / name, src / name)
-        return src
+        if not tokenizer:
+            return src
+        # Never write into the user's source: link its files into a work dir and add the tokenizer there.
+        view = work_dir / "source-hf"
+        view.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and f.name not in SIDE_FILES[2:]:
+                (view / f.name).symlink_to(f.resolve())
+        _copy_tokenizer(Path(tokenizer), view)
+        return view
     if not is_kmoe_checkpoint(src):
         raise ValueError(f"SOURCE {src}: neither an HF dir (config.json) nor a kmoe checkpoint (config.yaml)")
     from model.export_hf import export_hf
@@ -39,6 +44,14 @@ def resolve_source(source: str | Path, work_dir: Path, tokenizer: str | Path | N
     out = work_dir / "source-hf"
     export_hf(src, out, dtype="float32", tokenizer_dir=tokenizer)
     return out
+
+
+def _copy_tokenizer(tok: Path, dst: Path) -> None:
+    if not (tok / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer {tok}: no tokenizer.json")
+    for name in (*SIDE_FILES[2:], "kmoe_tokenizer.json"):
+        if (tok / name).is_file():
+            shutil.copy2(tok / name, dst / name)
 
 
 def require_tokenizer(hf_dir: Path) -> None:

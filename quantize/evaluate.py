@@ -1,0 +1,199 @@
+"""`kmoe quantize eval`: size, held-out perplexity per language and CPU generation speed, per artifact.
+
+Perplexity is computed on the same token sequences for the source and every artifact (teacher-forced, mean
+token NLL, exp). GGUF files run in llama.cpp through `llama-cpp-python`; when it is not installed their rows
+carry sizes only and say why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from . import calibration as C
+from .hfdir import bytes_on_disk, read_config
+from .samples import KOREAN_PROMPT
+
+log = logging.getLogger(__name__)
+WEIGHT_SUFFIXES = (".safetensors", ".gguf")
+
+
+def n_params(hf_dir: Path) -> int:
+    from .hfdir import read_state
+
+    return sum(t.numel() for t in read_state(hf_dir).values())
+
+
+class HFRunner:
+    """Teacher-forced NLL and greedy generation for a transformers model."""
+
+    def __init__(self, model):
+        self.model = model.eval()
+
+    @torch.no_grad()
+    def nll(self, seq: list[int]) -> tuple[float, int]:
+        x = torch.tensor([seq])
+        logits = self.model(x).logits.float()[0, :-1]
+        return torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="sum").item(), len(seq) - 1
+
+    @torch.no_grad()
+    def generate(self, ids: list[int], n: int) -> list[int]:
+        out = self.model.generate(
+            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
+        )
+        return out[0, len(ids) :].tolist()
+
+
+class LlamaRunner:
+    """The same for a GGUF file in llama.cpp (f32 KV cache, so differences come from the weights)."""
+
+    def __init__(self, path: Path, n_ctx: int):
+        from llama_cpp import GGML_TYPE_F32, Llama
+
+        self.llm = Llama(
+            model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, verbose=False,
+            type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, seed=0,
+        )  # fmt: skip
+
+    def nll(self, seq: list[int]) -> tuple[float, int]:
+        import numpy as np
+
+        self.llm.reset()
+        self.llm.eval(seq)
+        logits = np.asarray(self.llm.scores[: len(seq) - 1], dtype=np.float64)
+        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+        return float((logz - logits[np.arange(len(seq) - 1), seq[1:]]).sum()), len(seq) - 1
+
+    def generate(self, ids: list[int], n: int) -> list[int]:
+        self.llm.reset()
+        out = []
+        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(tok))
+            if len(out) == n:
+                break
+        return out
+
+
+def open_artifact(path: Path, n_ctx: int):
+    """A runner for an artifact dir (or a .gguf file) and a label for it."""
+    from transformers import AutoModelForCausalLM
+
+    qj = path / "quantization.json"
+    method = json.loads(qj.read_text())["method"] if qj.is_file() else None
+    if path.suffix == ".gguf" or method == "gguf":
+        f = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
+        return LlamaRunner(f, n_ctx), f"gguf {f.stem.removeprefix('model-')}"
+    if method in ("nf4", "int8"):
+        from .bnb import load_bnb
+
+        return HFRunner(load_bnb(path)), method
+    return HFRunner(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)), method or "hf"
+
+
+def perplexity(runner, seqs: dict[str, list[list[int]]]) -> dict[str, float]:
+    out = {}
+    for lang, ss in seqs.items():
+        tot, n = 0.0, 0
+        for s in ss:
+            a, b = runner.nll(s)
+            tot, n = tot + a, n + b
+        out[lang] = math.exp(tot / max(n, 1))
+    return out
+
+
+def tokens_per_s(runner, prompt: list[int], n: int) -> tuple[float, list[int]]:
+    runner.generate(prompt, 2)  # warm-up (allocations, llama.cpp graph)
+    t = time.perf_counter()
+    toks = runner.generate(prompt, n)
+    return len(toks) / (time.perf_counter() - t), toks
+
+
+def weight_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def evaluate(source_hf: Path, artifacts: list[Path], eval_paths: list[str], seq_len: int = 128,
+             max_seqs: int = 8, gen_tokens: int = 16) -> dict:  # fmt: skip
+    """Rows for the source and each artifact: bytes, bytes/param, x bf16, ppl per language and its change."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = read_config(source_hf)
+    tok = AutoTokenizer.from_pretrained(str(source_hf))
+    docs = C.read_docs(eval_paths)
+    seqs = C.token_sequences(docs, tok, seq_len, max_seqs * len(docs.langs()))
+    prompt = tok(KOREAN_PROMPT, add_special_tokens=False)["input_ids"]
+    params = n_params(source_hf)
+    bf16 = 2 * params
+    src_runner = HFRunner(AutoModelForCausalLM.from_pretrained(str(source_hf), dtype=torch.float32))
+    base_ppl = perplexity(src_runner, seqs)
+    speed, base_toks = tokens_per_s(src_runner, prompt, gen_tokens)
+    rows = [
+        _row(
+            "source (fp32 compute)", source_hf, params, bf16, base_ppl, base_ppl, speed, base_toks, base_toks
+        )
+    ]
+    del src_runner
+    for a in artifacts:
+        try:
+            runner, label = open_artifact(a, seq_len + gen_tokens + 8)
+        except ImportError as e:
+            rows.append(
+                {**_row(a.name, a, params, bf16, None, base_ppl, None, None, base_toks), "note": str(e)}
+            )
+            continue
+        ppl = perplexity(runner, seqs)
+        speed, toks = tokens_per_s(runner, prompt, gen_tokens)
+        rows.append(_row(label, a, params, bf16, ppl, base_ppl, speed, toks, base_toks))
+    return {
+        "params": params,
+        "bf16_bytes": bf16,
+        "vocab_size": cfg["vocab_size"],
+        "eval": C.docs_record(docs, seqs, None),
+        "rows": rows,
+    }
+
+
+def _row(label, path, params, bf16, ppl, base, speed, toks, base_toks) -> dict:
+    wb = weight_bytes(Path(path))
+    match = None
+    if toks is not None:
+        match = next((i for i, (a, b) in enumerate(zip(toks, base_toks)) if a != b), len(toks))
+    return {
+        "artifact": label,
+        "path": str(path),
+        "bytes_on_disk": bytes_on_disk(path),
+        "weight_bytes": wb,
+        "bytes_per_param": wb / params,
+        "x_bf16": wb / bf16,
+        "ppl": ppl,
+        "ppl_change_pct": {k: 100 * (ppl[k] / base[k] - 1) for k in ppl} if ppl else None,
+        "tokens_per_s": speed,
+        "greedy_prefix_match": match,
+    }
+
+
+def table(report: dict) -> str:
+    langs = sorted(report["rows"][0]["ppl"])
+    head = f"{'artifact':<22}{'bytes':>11}{'B/param':>9}{'x bf16':>8}" + "".join(
+        f"{'ppl ' + lg:>17}" for lg in langs
+    )
+    lines = [head + f"{'tok/s':>8}{'greedy=':>8}"]
+    for r in report["rows"]:
+        cells = []
+        for lg in langs:
+            if r["ppl"] is None:
+                cells.append(f"{'n/a':>17}")
+            else:
+                cells.append(f"{r['ppl'][lg]:>9.2f} ({r['ppl_change_pct'][lg]:+5.1f}%)")
+        speed = f"{r['tokens_per_s']:>8.1f}" if r["tokens_per_s"] else f"{'n/a':>8}"
+        match = f"{r['greedy_prefix_match']:>8}" if r["greedy_prefix_match"] is not None else f"{'n/a':>8}"
+        lines.append(f"{r['artifact']:<22}{r['bytes_on_disk']:>11,}{r['bytes_per_param']:>9.3f}{r['x_bf16']:>8.3f}"
+                     + "".join(cells) + speed + match)  # fmt: skip
+    return "\n".join(lines)
