@@ -1,7 +1,8 @@
 """Small real inputs for tests and the demo: a byte-level BPE tokenizer trained on our own sample texts and a
 tiny MoE briefly trained on them, exported to HF. Not used by the quantizers themselves.
 
-    python -m quantize.devtools OUT_DIR   # writes OUT_DIR/{tokenizer,ckpt,hf,text.jsonl}
+    python -m quantize.devtools OUT_DIR [--steps N]   # writes OUT_DIR/{tokenizer,ckpt,hf,text.jsonl}
+    python -m quantize.devtools OUT_DIR --inputs-only  # only OUT_DIR/{tokenizer,text.jsonl}
 """
 
 from __future__ import annotations
@@ -112,7 +113,23 @@ def build_all(out_dir: str | Path, steps: int = 60) -> dict[str, Path]:
     return {"tokenizer": tok, "ckpt": ckpt, "hf": hf, "text": write_text_jsonl(out / "text.jsonl")}
 
 
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m quantize.devtools", description=__doc__.split("\n")[0])
+    p.add_argument("out_dir")
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--inputs-only", action="store_true", help="tokenizer and text only, no model")
+    a = p.parse_args(argv)
+    out = Path(a.out_dir)
+    if a.inputs_only:
+        made = {"tokenizer": build_tokenizer(out / "tokenizer"), "text": write_text_jsonl(out / "text.jsonl")}
+    else:
+        made = build_all(out, steps=a.steps)
+    for k, v in made.items():
+        sys.stdout.write(f"{k}: {v}\n")
+
+
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO)
-    for k, v in build_all(sys.argv[1], steps=int(sys.argv[2]) if len(sys.argv) > 2 else 60).items():
-        sys.stdout.write(f"{k}: {v}\n")
+    main()

@@ -1,0 +1,74 @@
+"""GGUF in real llama.cpp (llama-cpp-python, built from source once and cached under .cache/wheels).
+
+Slow the first time (the build takes 5-11 minutes on 2 cores), so it is `full`; it skips only when the build is
+impossible here, and says why.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kmoe.cli import main
+from quantize.devtools import build_all
+from quantize.samples import KOREAN_PROMPT
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.full
+
+
+def llama_cpp():
+    try:
+        import llama_cpp
+
+        return llama_cpp
+    except ImportError:
+        pass
+    r = subprocess.run(["make", "-C", str(REPO), "llama-cpp"], capture_output=True, text=True)
+    if r.returncode:
+        pytest.skip(
+            f"llama-cpp-python cannot be built here (make llama-cpp failed): {(r.stdout + r.stderr)[-600:]}"
+        )
+    import importlib
+
+    importlib.invalidate_caches()
+    return importlib.import_module("llama_cpp")
+
+
+def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # torch and llama.cpp share this process
+    lc = llama_cpp()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = build_all(tmp_path / "m", steps=60)
+    tok = AutoTokenizer.from_pretrained(str(t["hf"]))
+    ids = tok(KOREAN_PROMPT, add_special_tokens=False)["input_ids"]
+    hf = AutoModelForCausalLM.from_pretrained(str(t["hf"]), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref_logits = hf(torch.tensor([ids])).logits[0].numpy()
+        ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
+    got = {}
+    for qt in ("f32", "f16", "q8_0", "q4_0"):
+        out = tmp_path / qt
+        assert main(["quantize", "--method", "gguf", "--gguf-type", qt, str(t["hf"]), str(out)]) == 0
+        llm = lc.Llama(model_path=str(out / f"model-{qt}.gguf"), n_ctx=128, logits_all=True, n_threads=1,
+                       verbose=False, type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)  # fmt: skip
+        # our tokenizer, embedded in the GGUF, tokenizes Korean exactly as the HF tokenizer does
+        assert llm.tokenize(KOREAN_PROMPT.encode(), add_bos=False, special=False) == ids
+        llm.eval(ids)
+        logits = np.asarray(llm.scores[: len(ids)])
+        gen = []
+        for x in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
+            gen.append(int(x))
+            if len(gen) == 8:
+                break
+        got[qt] = (float(np.abs(logits - ref_logits).max()), gen)
+        del llm
+    assert got["f32"][0] < 1e-3, got  # same model, same math: llama.cpp's GLM4_MOE == transformers' Glm4Moe
+    assert got["f16"][1] == ref, got
+    assert got["q8_0"][1][:2] == ref[:2] and got["q4_0"][1][:1] == ref[:1], got
+    sys.stdout.write(f"llama.cpp vs transformers: {got} ref {ref}\n")
