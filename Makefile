@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean demo-model demo-quantize llama-cpp
+.PHONY: install check test test-full demo clean demo-model demo-tokenizer demo-quantize llama-cpp
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ test-full: check
 	$(PY) -m pytest tests
 
 # Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model demo-quantize
+demo: install demo-model demo-tokenizer demo-quantize
 	@echo "demo finished: outputs under $(DEMO)/"
 
 demo-model: install
@@ -78,6 +78,13 @@ demo-quantize: install demo-model
 	for d in $(QOUT)/*/; do $(KMOE) quantize verify $$d || exit 1; done
 	OMP_WAIT_POLICY=PASSIVE $(KMOE) quantize eval $(QSRC) $(QOUT)/*/ --tokenizer $(QTOK) --eval-data $(QTEXT) \
 	  --seq-len 128 --json $(QOUT)/eval.json
+
+# Until `kmoe data build` feeds it, the tokenizer trains on a small real dev corpus fetched into .cache/tok-dev
+# (DDTP ko/ja/en + Python stdlib); the report measures held-out text of each language against two baselines.
+demo-tokenizer: install
+	@mkdir -p $(DEMO)
+	$(KMOE) tokenizer train --config configs/tokenizer/demo.yaml --out $(DEMO)/tokenizer
+	$(KMOE) tokenizer report $(DEMO)/tokenizer --text .cache/tok-dev/heldout/{ko,ko-gnome,en,ja,code}.txt
 
 clean:
 	rm -rf $(VENV) .cache runs

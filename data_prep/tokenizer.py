@@ -1,0 +1,311 @@
+"""Korean-first sentencepiece tokenizer: weighted sampling of the kept corpus, training, loading, digest.
+
+Layout of a tokenizer directory (what `train_tokenizer` writes and `load_tokenizer` reads):
+  tokenizer.model          the sentencepiece model (the reference implementation)
+  tokenizer.json, tokenizer_config.json, special_tokens_map.json   the HF fast tokenizer (tokenizer_hf.py)
+  kmoe_tokenizer.json      {"special_ids", "digest", "config", "add_bos", "sample"}
+Ids 0-3 are <unk> <s> </s> <pad>, then the chat/reserved control tokens, then the 256 byte pieces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import io
+import json
+import logging
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from kmoe.configtree import ConfigError, to_dict
+from kmoe.hashing import sha256_file, sha256_json
+
+log = logging.getLogger(__name__)
+
+SP_MODEL = "tokenizer.model"
+META = "kmoe_tokenizer.json"
+BASE_SPECIALS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
+DEFAULT_CHAT_TOKENS = ["<|im_start|>", "<|im_end|>", "<|tool_call|>", "<|tool_response|>"]
+
+
+@dataclass
+class TokenizerConfig:
+    """What `kmoe tokenizer train` reads (configs/tokenizer/*.yaml)."""
+
+    vocab_size: int = 8192
+    model_type: Literal["bpe", "unigram"] = "bpe"
+    # Share of the training sample per language; Korean is upweighted so English does not take the vocabulary.
+    language_weights: dict[str, float] = field(
+        default_factory=lambda: {"ko": 0.25, "en": 0.5, "ja": 0.08, "code": 0.17}
+    )
+    sample_chars: int = 8_000_000  # size of the training sample
+    max_upsample: float = 3.0  # a scarce language is repeated at most this many times to reach its share
+    character_coverage: float = 0.9995  # high enough to keep Hangul syllables and common kanji whole
+    max_piece_length: int = 16
+    split_digits: bool = True
+    byte_fallback: bool = True
+    add_bos: bool = True  # every training document starts with <s> (and ends with </s>, the EOD token)
+    chat_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_CHAT_TOKENS))
+    num_reserved: int = 8  # <|reserved_i|> control tokens kept free for later templates
+    chunk_chars: int = 2000  # training sentences: documents cut at line ends into pieces this long
+    seed: int = 1234
+    num_threads: int = 2  # recorded in the model, so part of its digest
+
+
+def validate_config(cfg: TokenizerConfig) -> None:
+    if cfg.vocab_size < 512:
+        raise ConfigError(
+            f"tokenizer.vocab_size: {cfg.vocab_size} is too small (byte fallback alone needs 256)"
+        )
+    if not cfg.language_weights or any(w < 0 for w in cfg.language_weights.values()):
+        raise ConfigError("tokenizer.language_weights: give each language a weight >= 0")
+    if sum(cfg.language_weights.values()) <= 0:
+        raise ConfigError("tokenizer.language_weights: at least one weight must be > 0")
+    if not 0.9 <= cfg.character_coverage <= 1.0:
+        raise ConfigError(f"tokenizer.character_coverage: {cfg.character_coverage} not in [0.9, 1.0]")
+    if cfg.sample_chars <= 0 or cfg.chunk_chars <= 0 or cfg.max_upsample < 1:
+        raise ConfigError("tokenizer: sample_chars, chunk_chars must be > 0 and max_upsample >= 1")
+    clash = set(cfg.chat_tokens) & set(BASE_SPECIALS.values())
+    if clash or len(set(cfg.chat_tokens)) != len(cfg.chat_tokens):
+        raise ConfigError(f"tokenizer.chat_tokens: duplicates or clashes with base specials: {sorted(clash)}")
+
+
+def control_tokens(cfg: TokenizerConfig) -> list[str]:
+    return [*cfg.chat_tokens, *(f"<|reserved_{i}|>" for i in range(cfg.num_reserved))]
+
+
+# ----------------------------------------------------------------------------- corpus and sampling
+def read_kept_corpus(corpus_dir: Path) -> dict[str, list[str]]:
+    """Texts per language from `corpus_dir/kept/<lang>/*.jsonl.gz`, in file and line order."""
+    corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / "kept").is_dir() and (corpus_dir / "corpus" / "kept").is_dir():
+        corpus_dir = corpus_dir / "corpus"  # accept a `kmoe data build` OUT dir as well
+    kept = corpus_dir / "kept"
+    if not kept.is_dir():
+        raise FileNotFoundError(f"{corpus_dir}: no kept/<lang>/*.jsonl.gz corpus (run `kmoe data build`)")
+    texts: dict[str, list[str]] = {}
+    for lang_dir in sorted(p for p in kept.iterdir() if p.is_dir()):
+        for path in sorted(lang_dir.glob("*.jsonl.gz")):
+            texts.setdefault(lang_dir.name, []).extend(_read_shard(path, lang_dir.name))
+    if not texts:
+        raise FileNotFoundError(f"{kept}: no <lang>/*.jsonl.gz shards")
+    return texts
+
+
+def _read_shard(path: Path, lang: str) -> list[str]:
+    out = []
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                raise ValueError(f"{path}:{n}: expected an object with a string 'text'")
+            if doc.get("lang", lang) != lang:
+                raise ValueError(f"{path}:{n}: lang {doc.get('lang')!r} in the '{lang}' folder")
+            out.append(doc["text"])
+    return out
+
+
+def chunk_document(text: str, max_chars: int) -> list[str]:
+    """Cut a document at line ends into training sentences of at most `max_chars` (newlines kept)."""
+    chunks, buf = [], ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > max_chars:  # a very long line: hard cut, rare (minified code, tables)
+            if buf:
+                chunks.append(buf)
+                buf = ""
+            chunks.append(line[:max_chars])
+            line = line[max_chars:]
+        if len(buf) + len(line) > max_chars and buf:
+            chunks.append(buf)
+            buf = ""
+        buf += line
+    if buf:
+        chunks.append(buf)
+    return [c for c in chunks if c.strip()]
+
+
+def sample_corpus(
+    texts: dict[str, list[str]], weights: dict[str, float] | None, total_chars: int, cfg: TokenizerConfig
+) -> tuple[list[str], dict[str, dict]]:
+    """Deterministic sample of training sentences; `weights=None` keeps the corpus's natural proportions."""
+    avail = {lang: sum(map(len, docs)) for lang, docs in texts.items()}
+    if weights is None:
+        weights = {lang: float(n) for lang, n in avail.items()}
+    else:
+        unweighted = sorted(set(texts) - set(weights))
+        if unweighted:
+            raise ConfigError(
+                f"tokenizer.language_weights: corpus has language(s) {unweighted} with no weight"
+            )
+        missing = sorted(lang for lang, w in weights.items() if w > 0 and lang not in texts)
+        if missing:
+            log.warning("tokenizer: no corpus text for weighted language(s) %s; renormalising", missing)
+        weights = {lang: w for lang, w in weights.items() if lang in texts}
+    norm = sum(weights.values())
+    rng = random.Random(cfg.seed)
+    sentences, stats = [], {}
+    for lang in sorted(texts):
+        target = int(total_chars * weights[lang] / norm)
+        # Repeat a scarce language (bounded) rather than let a big one crowd it out of the vocabulary.
+        budget = min(target, int(avail[lang] * cfg.max_upsample))
+        order = list(range(len(texts[lang])))
+        taken = 0
+        while taken < budget:
+            rng.shuffle(order)
+            before = taken
+            for i in order:
+                if taken >= budget:
+                    break
+                pieces = chunk_document(texts[lang][i], cfg.chunk_chars)
+                sentences.extend(pieces)
+                taken += sum(map(len, pieces))
+            if taken == before:  # nothing but whitespace in this language
+                break
+        stats[lang] = {"available_chars": avail[lang], "target_chars": target, "sampled_chars": taken}
+    return sentences, stats
+
+
+# ----------------------------------------------------------------------------- training
+def sp_trainer_options(cfg: TokenizerConfig) -> dict:
+    """Sentencepiece settings for Korean-first, lossless tokenization."""
+    return {
+        "model_type": cfg.model_type,
+        "vocab_size": cfg.vocab_size,
+        "character_coverage": cfg.character_coverage,
+        "byte_fallback": cfg.byte_fallback,
+        "split_digits": cfg.split_digits,
+        # Our data pipeline applies NFC itself; NFKC would fold compatibility jamo and full-width forms.
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,  # indentation and runs of spaces are content (code)
+        "allow_whitespace_only_pieces": True,
+        "add_dummy_prefix": True,
+        "max_sentencepiece_length": cfg.max_piece_length,
+        "max_sentence_length": cfg.chunk_chars * 4 + 16,  # bytes; chunk_document already bounds chars
+        "unk_id": 0,
+        "bos_id": 1,
+        "eos_id": 2,
+        "pad_id": 3,
+        "unk_piece": BASE_SPECIALS["unk"],
+        "bos_piece": BASE_SPECIALS["bos"],
+        "eos_piece": BASE_SPECIALS["eos"],
+        "pad_piece": BASE_SPECIALS["pad"],
+        "control_symbols": control_tokens(cfg),
+        "input_sentence_size": 0,  # we sample ourselves, deterministically
+        "shuffle_input_sentence": False,
+        "num_threads": cfg.num_threads,
+        "minloglevel": 2,
+    }
+
+
+def train_sentencepiece(sentences: list[str], options: dict, seed: int) -> bytes:
+    import sentencepiece as spm
+
+    spm.set_random_generator_seed(seed)
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(sentences), model_writer=model, **options)
+    except RuntimeError as e:
+        raise ValueError(f"sentencepiece training failed ({e}); check tokenizer.vocab_size") from None
+    return model.getvalue()
+
+
+def train_tokenizer(corpus_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> Path:
+    """Train on a weighted sample of `corpus_dir/kept`, write sentencepiece + HF files to `out_dir`."""
+    from data_prep.tokenizer_hf import write_hf_tokenizer
+
+    validate_config(cfg)
+    texts = read_kept_corpus(Path(corpus_dir))
+    sentences, stats = sample_corpus(texts, cfg.language_weights, cfg.sample_chars, cfg)
+    log.info("tokenizer sample: %s", stats)
+    model = train_sentencepiece(sentences, sp_trainer_options(cfg), cfg.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / SP_MODEL).write_bytes(model)
+    special_ids = write_hf_tokenizer(out / SP_MODEL, out, cfg)
+    meta = {
+        "special_ids": special_ids,
+        "add_bos": cfg.add_bos,
+        "digest": tokenizer_digest(out),
+        "config": to_dict(cfg),
+        "sample": stats,
+        "corpus_dir": str(corpus_dir),  # where the report retrains its baseline; not part of the digest
+    }
+    (out / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    log.info("tokenizer %s: vocab %d, digest %s", out, cfg.vocab_size, meta["digest"])
+    return out
+
+
+def tokenizer_digest(tok_dir: Path) -> str:
+    """sha256 identifying a tokenizer: the sentencepiece model bytes and the HF tokenizer.json."""
+    tok_dir = Path(tok_dir)
+    return sha256_json(
+        {
+            SP_MODEL: sha256_file(tok_dir / SP_MODEL),
+            "tokenizer.json": sha256_file(tok_dir / "tokenizer.json"),
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- loading
+@dataclasses.dataclass
+class Tokenizer:
+    """The sentencepiece model of a tokenizer dir; `encode` adds no BOS/EOS (see `encode_document`)."""
+
+    path: Path
+    sp: object
+    special_ids: dict[str, int]
+    add_bos: bool
+    digest: str
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["bos"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["eos"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids["pad"]
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"encode expects a str, got {type(text).__name__}")
+        return self.sp.encode(text)
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(list(texts))
+
+    def encode_document(self, text: str) -> list[int]:
+        """How training sees a document: [<s>] + ids + [</s>] (the EOD token); HF adds the same <s>."""
+        return ([self.bos_id] if self.add_bos else []) + self.encode(text) + [self.eos_id]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.sp.decode(list(ids))
+
+
+def load_tokenizer(tok_dir: str | Path, verify: bool = True) -> Tokenizer:
+    """Load a tokenizer dir; with `verify`, a digest that does not match the files is an error."""
+    import sentencepiece as spm
+
+    tok_dir = Path(tok_dir)
+    for name in (SP_MODEL, "tokenizer.json", META):
+        if not (tok_dir / name).is_file():
+            raise FileNotFoundError(f"{tok_dir}: missing {name} (train one with `kmoe tokenizer train`)")
+    meta = json.loads((tok_dir / META).read_text(encoding="utf-8"))
+    if verify and (actual := tokenizer_digest(tok_dir)) != meta.get("digest"):
+        raise ValueError(
+            f"{tok_dir}: tokenizer files changed: digest {actual} != recorded {meta.get('digest')}"
+        )
+    sp = spm.SentencePieceProcessor(model_file=str(tok_dir / SP_MODEL))
+    return Tokenizer(tok_dir, sp, meta["special_ids"], bool(meta.get("add_bos", True)), meta["digest"])
