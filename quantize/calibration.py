@@ -132,7 +132,7 @@ def token_sequences(
     for lg in langs:
         stream: list[int] = []
         for t in docs.text.get(lg, []):
-            stream += tokenizer(t, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+            stream += tokenizer(t)["input_ids"] + ([eos] if eos is not None else [])
         for ids in docs.ids.get(lg, []):
             stream += ids
         want = max(1, round(num_samples * weights[lg] / total))

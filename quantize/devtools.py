@@ -55,6 +55,25 @@ def build_tokenizer(out_dir: str | Path, vocab_size: int = 512) -> Path:
     return out
 
 
+def build_sp_tokenizer(out_dir: str | Path, vocab_size: int = 700) -> Path:
+    """The project's real sentencepiece tokenizer (data_prep.tokenizer), trained on the sample texts."""
+    import gzip
+
+    from data_prep.tokenizer import TokenizerConfig, train_tokenizer
+
+    out = Path(out_dir)
+    for lang, texts in SAMPLE_TEXTS.items():
+        d = out.parent / f"{out.name}-corpus" / "kept" / lang
+        d.mkdir(parents=True, exist_ok=True)
+        with gzip.open(d / "000.jsonl.gz", "wt", encoding="utf-8") as f:
+            for i in range(40):  # vary the documents so BPE has pairs to count
+                a, b = texts[i % len(texts)], texts[(i * 7 + 3) % len(texts)]
+                doc = {"id": f"{lang}-{i}", "text": f"{a}\n{b} {i}", "lang": lang, "source": "kmoe-samples"}
+                f.write(json.dumps(doc, ensure_ascii=False) + "\n")
+    cfg = TokenizerConfig(vocab_size=vocab_size, sample_chars=200_000, num_reserved=2)
+    return train_tokenizer(out.parent / f"{out.name}-corpus", cfg, out)
+
+
 def write_text_jsonl(path: str | Path) -> Path:
     """The sample texts as JSONL ({"text", "lang"} per line), the calibration/eval input format."""
     path = Path(path)
@@ -81,7 +100,9 @@ def train_tiny(
     model = MoETransformer(cfg)
     init_weights(model, cfg, seed)
     eos = tok.eos_token_id
-    stream = [i for t in all_texts() for i in tok(t)["input_ids"] + [eos]]
+    stream = [
+        i for t in all_texts() for i in tok(t)["input_ids"] + [eos]
+    ]  # <s> too when the tokenizer adds it
     data = torch.tensor(stream)
     seq, batch = 64, 8
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
@@ -101,12 +122,14 @@ def train_tiny(
     return Path(ckpt_dir)
 
 
-def build_all(out_dir: str | Path, steps: int = 60) -> dict[str, Path]:
-    """Tokenizer, trained checkpoint, bf16 HF export and a JSONL of the sample texts under `out_dir`."""
+def build_all(out_dir: str | Path, steps: int = 60, tokenizer: str = "sp") -> dict[str, Path]:
+    """Tokenizer ("sp": the project's sentencepiece one; "bpe": byte-level BPE), trained checkpoint,
+    bf16 HF export and a JSONL of the sample texts under `out_dir`."""
     from model.export_hf import export_hf
 
     out = Path(out_dir)
-    tok = build_tokenizer(out / "tokenizer")
+    build = {"sp": build_sp_tokenizer, "bpe": build_tokenizer}[tokenizer]
+    tok = build(out / "tokenizer")
     ckpt = train_tiny(tok, out / "ckpt", steps=steps)
     hf = out / "hf"
     export_hf(ckpt, hf, dtype="bfloat16", tokenizer_dir=tok)
@@ -120,12 +143,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out_dir")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--inputs-only", action="store_true", help="tokenizer and text only, no model")
+    p.add_argument("--tokenizer", choices=["sp", "bpe"], default="sp")
     a = p.parse_args(argv)
     out = Path(a.out_dir)
     if a.inputs_only:
-        made = {"tokenizer": build_tokenizer(out / "tokenizer"), "text": write_text_jsonl(out / "text.jsonl")}
+        build = {"sp": build_sp_tokenizer, "bpe": build_tokenizer}[a.tokenizer]
+        made = {"tokenizer": build(out / "tokenizer"), "text": write_text_jsonl(out / "text.jsonl")}
     else:
-        made = build_all(out, steps=a.steps)
+        made = build_all(out, steps=a.steps, tokenizer=a.tokenizer)
     for k, v in made.items():
         sys.stdout.write(f"{k}: {v}\n")
 

@@ -128,7 +128,7 @@ def evaluate(source_hf: Path, artifacts: list[Path], eval_paths: list[str], seq_
     tok = AutoTokenizer.from_pretrained(str(source_hf))
     docs = C.read_docs(eval_paths)
     seqs = C.token_sequences(docs, tok, seq_len, max_seqs * len(docs.langs()))
-    prompt = tok(KOREAN_PROMPT, add_special_tokens=False)["input_ids"]
+    prompt = tok(KOREAN_PROMPT)["input_ids"]
     params = n_params(source_hf)
     bf16 = 2 * params
     src_runner = HFRunner(AutoModelForCausalLM.from_pretrained(str(source_hf), dtype=torch.float32))

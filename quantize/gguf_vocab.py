@@ -1,7 +1,8 @@
 """Our tokenizer as llama.cpp tokenizer metadata.
 
 Two kinds are supported, picked from the files beside the model:
-  tokenizer.model (sentencepiece)  -> tokenizer.ggml.model "llama" (SPM): pieces, scores, token types
+  tokenizer.model (sentencepiece)  -> tokenizer.ggml.model "llama" (SPM): pieces, scores, token types,
+                                      add_space_prefix from the model's add_dummy_prefix
   tokenizer.json byte-level BPE    -> tokenizer.ggml.model "gpt2" with merges and pre-tokenizer "gpt-2"
                                       (the GPT-2 split regex, which `pre_tokenizers.ByteLevel` uses)
 The vocabulary is padded with unused tokens up to the model's vocab_size, since llama.cpp sizes the
@@ -28,10 +29,21 @@ def special_ids(d: Path) -> dict[str, int]:
     return {k: cfg[f"{k}_token_id"] for k in ("bos", "eos", "pad") if cfg.get(f"{k}_token_id") is not None}
 
 
+def add_bos(d: Path) -> bool:
+    """Whether our tokenizer frames text with <s> (kmoe_tokenizer.json / tokenizer_config.json `add_bos`)."""
+    for name, key in (("kmoe_tokenizer.json", "add_bos"), ("tokenizer_config.json", "add_bos_token")):
+        if (d / name).is_file():
+            value = json.loads((d / name).read_text()).get(key)
+            if value is not None:
+                return bool(value)
+    return False
+
+
 def add_vocab(w: gguf.GGUFWriter, d: Path, vocab_size: int, ids: dict[str, int]) -> str:
     """Write tokenizer metadata for the tokenizer in `d`; returns the llama.cpp tokenizer model name."""
+    space_prefix = None
     if (d / "tokenizer.model").is_file():
-        tokens, scores, types = _spm(d / "tokenizer.model")
+        tokens, scores, types, space_prefix = _spm(d / "tokenizer.model")
         kind = "llama"
     elif (d / "tokenizer.json").is_file():
         tokens, types, merges = _bpe(d / "tokenizer.json")
@@ -61,13 +73,15 @@ def add_vocab(w: gguf.GGUFWriter, d: Path, vocab_size: int, ids: dict[str, int])
                   ("unk", w.add_unk_token_id)):  # fmt: skip
         if k in ids:
             fn(ids[k])
-    # kmoe trains without BOS and encodes text with no special tokens; llama.cpp must do the same.
-    w.add_add_bos_token(False)
+    # llama.cpp must frame a prompt as training did: <s> first when our tokenizer adds it, never </s>.
+    w.add_add_bos_token(add_bos(d))
     w.add_add_eos_token(False)
+    if space_prefix is not None:
+        w.add_add_space_prefix(space_prefix)
     return kind
 
 
-def _spm(path: Path) -> tuple[list[str], list[float], list[int]]:
+def _spm(path: Path) -> tuple[list[str], list[float], list[int], bool]:
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as pb
 
@@ -92,7 +106,7 @@ def _spm(path: Path) -> tuple[list[str], list[float], list[int]]:
             types.append(gguf.TokenType.BYTE)
         else:
             types.append(gguf.TokenType.NORMAL)
-    return tokens, scores, types
+    return tokens, scores, types, bool(proto.normalizer_spec.add_dummy_prefix)
 
 
 def _bpe(path: Path) -> tuple[list[str], list[int], list[str]]:

@@ -15,7 +15,11 @@ import torch
 
 from kmoe.cli import main
 from quantize.devtools import build_all
-from quantize.samples import KOREAN_PROMPT
+from quantize.samples import KOREAN_PROMPT, SAMPLE_TEXTS
+
+SAMPLE = [texts[i] for texts in SAMPLE_TEXTS.values() for i in (0, 2)] + [
+    "  두 칸  공백\t탭\n줄바꿈 123456 ＡＢＣ"
+]
 
 REPO = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.full
@@ -39,14 +43,15 @@ def llama_cpp():
     return importlib.import_module("llama_cpp")
 
 
-def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path):
+@pytest.mark.parametrize("tokenizer", ["sp", "bpe"])
+def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # torch and llama.cpp share this process
     lc = llama_cpp()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    t = build_all(tmp_path / "m", steps=60)
+    t = build_all(tmp_path / "m", steps=60, tokenizer=tokenizer)
     tok = AutoTokenizer.from_pretrained(str(t["hf"]))
-    ids = tok(KOREAN_PROMPT, add_special_tokens=False)["input_ids"]
+    ids = tok(KOREAN_PROMPT)["input_ids"]  # with <s> when our tokenizer frames text with it
     hf = AutoModelForCausalLM.from_pretrained(str(t["hf"]), dtype=torch.float32).eval()
     with torch.no_grad():
         ref_logits = hf(torch.tensor([ids])).logits[0].numpy()
@@ -58,7 +63,10 @@ def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path):
         llm = lc.Llama(model_path=str(out / f"model-{qt}.gguf"), n_ctx=128, logits_all=True, n_threads=1,
                        verbose=False, type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)  # fmt: skip
         # our tokenizer, embedded in the GGUF, tokenizes Korean exactly as the HF tokenizer does
-        assert llm.tokenize(KOREAN_PROMPT.encode(), add_bos=False, special=False) == ids
+        assert llm.tokenize(KOREAN_PROMPT.encode(), add_bos=True, special=False) == ids
+        for text in SAMPLE:
+            want = tok(text)["input_ids"]
+            assert llm.tokenize(text.encode(), add_bos=True, special=False) == want, text
         llm.eval(ids)
         logits = np.asarray(llm.scores[: len(ids)])
         gen = []

@@ -72,3 +72,34 @@ def test_4bit_gguf_is_under_035x_of_bf16(tiny_hf, tmp_path):
 def test_unknown_type_refused(tiny_hf, tmp_path):
     with pytest.raises(ValueError, match="--gguf-type"):
         export_gguf(tiny_hf, tmp_path / "x.gguf", "q3_k")
+
+
+def test_sentencepiece_tokenizer_is_embedded_as_spm(tmp_path):
+    import json
+
+    import sentencepiece as spm
+
+    from quantize.devtools import build_sp_tokenizer
+    from quantize.gguf_vocab import add_vocab, special_ids
+
+    tok = build_sp_tokenizer(tmp_path / "tok")
+    sp = spm.SentencePieceProcessor(model_file=str(tok / "tokenizer.model"))
+    w = gguf.GGUFWriter(str(tmp_path / "v.gguf"), "glm4moe")
+    ids = special_ids(tok)
+    assert add_vocab(w, tok, sp.get_piece_size() + 4, ids) == "llama"
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    r = gguf.GGUFReader(str(tmp_path / "v.gguf"))
+    toks = _field(r, "tokenizer.ggml.tokens")
+    assert toks[: sp.get_piece_size()] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    types = [
+        r.fields["tokenizer.ggml.token_type"].parts[i].tolist()[0]
+        for i in r.fields["tokenizer.ggml.token_type"].data
+    ]
+    assert types[sp.unk_id()] == gguf.TokenType.UNKNOWN and types[sp.bos_id()] == gguf.TokenType.CONTROL
+    assert types[sp.piece_to_id("<0x41>")] == gguf.TokenType.BYTE and types[-1] == gguf.TokenType.UNUSED
+    assert _field(r, "tokenizer.ggml.bos_token_id") == sp.bos_id() == ids["bos"]
+    add_bos = json.loads((tok / "tokenizer_config.json").read_text())["add_bos_token"]
+    assert bool(_field(r, "tokenizer.ggml.add_bos_token")) == add_bos
+    assert "tokenizer.ggml.add_space_prefix" in r.fields
