@@ -17,7 +17,7 @@ import logging
 import os
 from pathlib import Path
 
-from kmoe.hashing import canonical_json, named_merkle_root, sha256_bytes, sha256_file
+from kmoe.hashing import canonical_json, named_merkle_root, sha256_bytes, sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 MANIFEST, SIGNATURE, PUBKEY = "manifest.json", "manifest.sig", "signing_key.pub"
@@ -75,8 +75,9 @@ def source_digest(source: str | Path) -> dict:
 
 
 def ledger_head(source: str | Path) -> str | None:
-    """Hash of the last entry of the run's ledger.jsonl when the source lives in a run dir (checked up to
-    three levels up: runs/<name>/checkpoints/step-N/); None when there is none."""
+    """sha256 of the canonical JSON of the last record of the run's ledger.jsonl (the `prev` the next record
+    would carry, see training/ledger.py) when the source lives in a run dir (looked up to three levels up:
+    runs/<name>/checkpoints/step-N/); None when there is none."""
     p = Path(source).resolve()
     for d in [p, *list(p.parents)[:3]]:
         ledger = d / "ledger.jsonl"
@@ -84,8 +85,12 @@ def ledger_head(source: str | Path) -> str | None:
             lines = [ln for ln in ledger.read_text(encoding="utf-8").splitlines() if ln.strip()]
             if not lines:
                 return None
-            last = json.loads(lines[-1])
-            return last.get("hash") or last.get("entry_hash") or sha256_bytes(lines[-1].encode())
+            try:
+                return sha256_json(json.loads(lines[-1]))
+            except json.JSONDecodeError:
+                raise ArtifactError(
+                    f"{ledger}:{len(lines)}: last ledger record is not JSON (torn write?)"
+                ) from None
     return None
 
 

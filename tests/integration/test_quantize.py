@@ -147,3 +147,32 @@ def test_sizes_signatures_and_eval_table(trained, gptq, tmp_path, capsys):
         assert main(["quantize", "verify", str(art)]) == 2
         f.write_bytes(data)
     verify_artifact(art)
+
+
+def test_gptq_beats_plain_rounding(trained, gptq, tmp_path):
+    """Same scheme and groups, no Hessian: round-to-nearest must track the original worse than GPTQ."""
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from quantize.gptq import IGNORE
+
+    weights = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+    rtn = AutoModelForCausalLM.from_pretrained(str(trained["hf"]), dtype=torch.float32)
+    seqs = _eval_seqs(trained)
+    oneshot(model=rtn, tokenizer=AutoTokenizer.from_pretrained(str(trained["hf"])),
+            dataset=Dataset.from_dict({"input_ids": seqs[:2], "attention_mask": [[1] * len(s) for s in seqs[:2]]}),
+            recipe=QuantizationModifier(config_groups={"g": {"targets": ["Linear"], "weights": weights}}, ignore=IGNORE),
+            num_calibration_samples=2, pipeline="sequential")  # fmt: skip
+    rtn.save_pretrained(str(tmp_path / "rtn"), save_compressed=True)
+    ref = AutoModelForCausalLM.from_pretrained(str(trained["hf"]), dtype=torch.float32).eval()
+    err = {}
+    for name, path in (("gptq", gptq), ("rtn", tmp_path / "rtn")):
+        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+        with torch.no_grad():
+            err[name] = sum(
+                (ref(torch.tensor([s])).logits - m(torch.tensor([s])).logits).abs().mean().item()
+                for s in seqs
+            )
+    assert err["gptq"] < err["rtn"], err

@@ -92,3 +92,18 @@ def test_wrong_key_type_is_refused(tmp_path):
                                   serialization.NoEncryption()))  # fmt: skip
     with pytest.raises(ArtifactError, match="not an Ed25519"):
         load_or_create_key(p)
+
+
+def test_ledger_head_is_found_from_a_run_checkpoint(tmp_path):
+    from kmoe.hashing import canonical_json, sha256_json
+    from quantize.manifest import ledger_head, source_digest
+
+    run = tmp_path / "runs" / "r1"
+    ck = run / "checkpoints" / "step-00000010"
+    ck.mkdir(parents=True)
+    assert ledger_head(ck) is None
+    recs = [{"seq": 0, "kind": "genesis"}, {"seq": 1, "kind": "step", "prev": "x"}]
+    (run / "ledger.jsonl").write_bytes(b"".join(canonical_json(r) + b"\n" for r in recs))
+    assert ledger_head(ck) == sha256_json(recs[-1])
+    (ck / "digests.json").write_text(json.dumps({"merkle_root": "ab" * 32, "tensors": {}}))
+    assert source_digest(ck) == {"path": str(ck), "kind": "kmoe-checkpoint", "merkle_root": "ab" * 32}
