@@ -95,7 +95,7 @@ def train_tiny(
     from model.checkpoint import model_state, save_model_dir
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = ModelConfig(vocab_size=len(tok), **{**TINY_MODEL, **overrides})
+    cfg = ModelConfig(**{**TINY_MODEL, "vocab_size": len(tok), **overrides})
     torch.manual_seed(seed)
     model = MoETransformer(cfg)
     init_weights(model, cfg, seed)

@@ -43,10 +43,13 @@ class HFRunner:
 
     @torch.no_grad()
     def generate(self, ids: list[int], n: int) -> list[int]:
-        out = self.model.generate(
-            torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0
-        )
-        return out[0, len(ids) :].tolist()
+        """Plain greedy decoding with the KV cache, no EOS handling: the same rule llama.cpp's runner uses."""
+        out = self.model(torch.tensor([ids]), use_cache=True)
+        toks = [int(out.logits[0, -1].argmax())]
+        while len(toks) < n:
+            out = self.model(torch.tensor([toks[-1:]]), past_key_values=out.past_key_values, use_cache=True)
+            toks.append(int(out.logits[0, -1].argmax()))
+        return toks
 
 
 class LlamaRunner:
@@ -68,6 +71,9 @@ class LlamaRunner:
         logits = np.asarray(self.llm.scores[: len(seq) - 1], dtype=np.float64)
         logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
         return float((logz - logits[np.arange(len(seq) - 1), seq[1:]]).sum()), len(seq) - 1
+
+    def close(self) -> None:
+        self.llm.close()
 
     def generate(self, ids: list[int], n: int) -> list[int]:
         self.llm.reset()
@@ -150,6 +156,8 @@ def evaluate(source_hf: Path, artifacts: list[Path], eval_paths: list[str], seq_
             continue
         ppl = perplexity(runner, seqs)
         speed, toks = tokens_per_s(runner, prompt, gen_tokens)
+        if hasattr(runner, "close"):
+            runner.close()
         rows.append(_row(label, a, params, bf16, ppl, base_ppl, speed, toks, base_toks))
     return {
         "params": params,

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from . import calibration as C
-from .hfdir import require_tokenizer, resolve_source
+from .hfdir import is_kmoe_checkpoint, require_tokenizer, resolve_source
 from .manifest import ledger_head, sign_artifact, source_digest
 from .modelcard import model_card
 
@@ -44,16 +45,33 @@ def check_options(opts: QuantizeOptions, out: Path) -> None:
     for p in opts.calib:
         if not Path(p).exists():
             raise ValueError(f"--calib {p}: no such file or directory")
-    if out.exists() and any(out.iterdir()) and not opts.force:
-        raise ValueError(f"OUT_DIR {out} exists and is not empty (pass --force to overwrite)")
+    if out.exists() and any(out.iterdir()):
+        if not opts.force:
+            raise ValueError(f"OUT_DIR {out} exists and is not empty (pass --force to overwrite)")
+        if not (out / "quantization.json").is_file():
+            raise ValueError(
+                f"OUT_DIR {out}: --force only replaces a previous kmoe artifact (no quantization.json)"
+            )
     C.parse_mix(opts.mix)
+
+
+def check_source(source: Path, tokenizer: str | None) -> None:
+    if is_kmoe_checkpoint(source) and not tokenizer:
+        raise ValueError(
+            f"SOURCE {source} is a kmoe checkpoint, which holds no tokenizer: pass --tokenizer DIR"
+        )
+    if tokenizer and not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer {tokenizer}: no tokenizer.json")
 
 
 def quantize(source: str | Path, out_dir: str | Path, opts: QuantizeOptions) -> dict:
     """Quantize, then write quantization.json, README.md and the signed manifest; returns quantization.json."""
     out = Path(out_dir)
     check_options(opts, out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_source(Path(source), opts.tokenizer)
+    if out.exists():
+        shutil.rmtree(out)  # a previous artifact (checked above): no stale file may enter the new manifest
+    out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="kmoe-quant-") as work:
         hf = resolve_source(source, Path(work), opts.tokenizer)
         require_tokenizer(hf)

@@ -15,6 +15,7 @@ import torch
 
 from kmoe.cli import main
 from quantize.devtools import build_all
+from quantize.evaluate import HFRunner
 from quantize.samples import KOREAN_PROMPT, SAMPLE_TEXTS
 
 SAMPLE = [texts[i] for texts in SAMPLE_TEXTS.values() for i in (0, 2)] + [
@@ -55,7 +56,9 @@ def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer
     hf = AutoModelForCausalLM.from_pretrained(str(t["hf"]), dtype=torch.float32).eval()
     with torch.no_grad():
         ref_logits = hf(torch.tensor([ids])).logits[0].numpy()
-        ref = hf.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :].tolist()
+    ref = HFRunner(hf).generate(
+        ids, 8
+    )  # plain greedy, no EOS stop: the rule the llama.cpp loop below follows
     got = {}
     for qt in ("f32", "f16", "q8_0", "q4_0"):
         out = tmp_path / qt
@@ -75,7 +78,7 @@ def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer
             if len(gen) == 8:
                 break
         got[qt] = (float(np.abs(logits - ref_logits).max()), gen)
-        del llm
+        llm.close()
     assert got["f32"][0] < 1e-3, got  # same model, same math: llama.cpp's GLM4_MOE == transformers' Glm4Moe
     assert got["f16"][1] == ref, got
     assert got["q8_0"][1][:2] == ref[:2] and got["q4_0"][1][:1] == ref[:1], got

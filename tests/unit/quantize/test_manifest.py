@@ -107,3 +107,25 @@ def test_ledger_head_is_found_from_a_run_checkpoint(tmp_path):
     assert ledger_head(ck) == sha256_json(recs[-1])
     (ck / "digests.json").write_text(json.dumps({"merkle_root": "ab" * 32, "tensors": {}}))
     assert source_digest(ck) == {"path": str(ck), "kind": "kmoe-checkpoint", "merkle_root": "ab" * 32}
+
+
+def test_bad_requests_fail_before_any_model_is_loaded(tmp_path):
+    from quantize.pipeline import QuantizeOptions, quantize
+
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.yaml").write_text("model: {}\n")
+    (src / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="needs --calib"):
+        quantize(src, tmp_path / "o", QuantizeOptions(method="gptq"))
+    with pytest.raises(ValueError, match="holds no tokenizer"):
+        quantize(src, tmp_path / "o", QuantizeOptions(method="nf4"))
+    with pytest.raises(ValueError, match="--mix"):
+        quantize(src, tmp_path / "o", QuantizeOptions(method="gguf", mix="ko=x"))
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "mine.txt").write_text("keep me")
+    with pytest.raises(ValueError, match="not empty"):
+        quantize(src, tmp_path / "o", QuantizeOptions(method="nf4"))
+    with pytest.raises(ValueError, match="only replaces a previous kmoe artifact"):
+        quantize(src, tmp_path / "o", QuantizeOptions(method="nf4", force=True))
+    assert (tmp_path / "o" / "mine.txt").read_text() == "keep me"
