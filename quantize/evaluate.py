@@ -90,7 +90,8 @@ def open_artifact(path: Path, n_ctx: int):
     from transformers import AutoModelForCausalLM
 
     qj = path / "quantization.json"
-    method = json.loads(qj.read_text())["method"] if qj.is_file() else None
+    q = json.loads(qj.read_text()) if qj.is_file() else {}
+    method = q.get("method")
     if path.suffix == ".gguf" or method == "gguf":
         f = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
         return LlamaRunner(f, n_ctx), f"gguf {f.stem.removeprefix('model-')}"
@@ -98,7 +99,11 @@ def open_artifact(path: Path, n_ctx: int):
         from .bnb import load_bnb
 
         return HFRunner(load_bnb(path)), method
-    return HFRunner(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)), method or "hf"
+    label = method or "hf"
+    if method == "gptq":
+        p = q["params"]
+        label = f"gptq {p['scheme']} g{p['group_size']}" + ("" if "lm_head" in p["ignored"] else " +head")
+    return HFRunner(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)), label
 
 
 def perplexity(runner, seqs: dict[str, list[list[int]]]) -> dict[str, float]:
@@ -189,7 +194,7 @@ def _row(label, path, params, bf16, ppl, base, speed, toks, base_toks) -> dict:
 
 def table(report: dict) -> str:
     langs = sorted(report["rows"][0]["ppl"])
-    head = f"{'artifact':<22}{'bytes':>11}{'B/param':>9}{'x bf16':>8}" + "".join(
+    head = f"{'artifact':<24}{'bytes':>11}{'B/param':>9}{'x bf16':>8}" + "".join(
         f"{'ppl ' + lg:>17}" for lg in langs
     )
     lines = [head + f"{'tok/s':>8}{'greedy=':>8}"]
@@ -202,6 +207,6 @@ def table(report: dict) -> str:
                 cells.append(f"{r['ppl'][lg]:>9.2f} ({r['ppl_change_pct'][lg]:+5.1f}%)")
         speed = f"{r['tokens_per_s']:>8.1f}" if r["tokens_per_s"] else f"{'n/a':>8}"
         match = f"{r['greedy_prefix_match']:>8}" if r["greedy_prefix_match"] is not None else f"{'n/a':>8}"
-        lines.append(f"{r['artifact']:<22}{r['bytes_on_disk']:>11,}{r['bytes_per_param']:>9.3f}{r['x_bf16']:>8.3f}"
+        lines.append(f"{r['artifact']:<24}{r['bytes_on_disk']:>11,}{r['bytes_per_param']:>9.3f}{r['x_bf16']:>8.3f}"
                      + "".join(cells) + speed + match)  # fmt: skip
     return "\n".join(lines)

@@ -50,6 +50,11 @@ def test_gptq_loads_in_stock_transformers_and_tracks_logits(trained, gptq):
     assert set(p["routed_tokens_per_expert"]) == {"layers.1", "layers.2"}
     assert all(len(c) == 8 for c in p["routed_tokens_per_expert"].values())
     assert q["calibration"]["files"] and set(q["calibration"]["tokens"]) == {"ko", "en", "ja", "code"}
+    assert q["calibration"]["mix"] == {"ko": 0.4, "en": 0.2, "ja": 0.2, "code": 0.2}
+    assert q["source"]["kind"] == "kmoe-checkpoint"
+    card = (gptq / "README.md").read_text()
+    assert card.startswith("---\n") and "library_name: transformers" in card
+    assert "| layers.2 | " + " | ".join(map(str, p["routed_tokens_per_expert"]["layers.2"])) + " |" in card
     with safe_open(str(gptq / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     for layer in (1, 2):
