@@ -10,6 +10,7 @@ multiple of the quant block (32) falls back to F16.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
@@ -17,9 +18,10 @@ from pathlib import Path
 import gguf
 import numpy as np
 import torch
+from safetensors import safe_open
 
 from .gguf_vocab import add_vocab, special_ids
-from .hfdir import read_config, read_state
+from .hfdir import read_config
 
 log = logging.getLogger(__name__)
 ARCH = gguf.MODEL_ARCH.GLM4_MOE
@@ -34,23 +36,33 @@ EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_
 KEEP_F32 = ("ffn_gate_inp", "exp_probs_b", "_norm")
 
 
-def merged_tensors(state: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
-    """Stack per-expert matrices into [E, out, in]; rename the correction bias for the name map."""
-    out: dict[str, torch.Tensor] = {}
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for name, t in state.items():
+def plan_tensors(shapes: dict[str, list[int]], n_experts: int, tied: bool = False) -> dict[str, list[str]]:
+    """Output HF-style name -> source tensor names: experts stacked into [E, out, in] in expert order, the
+    correction bias renamed for the name map, zero-width tensors and a tied lm_head dropped."""
+    plan: dict[str, list[str]] = {}
+    experts: dict[str, dict[int, str]] = {}
+    for name, shape in shapes.items():
         m = EXPERT.match(name)
         if m:
-            experts.setdefault((m[1], m[3]), {})[int(m[2])] = t
+            experts.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = name
         elif name.endswith("e_score_correction_bias"):
-            out[name.replace("e_score_correction_bias", "e_score_correction.bias")] = t
-        elif t.numel():  # Glm4Moe's zero-width shared expert (no shared experts) has nothing to write
-            out[name] = t
-    for (prefix, proj), per in experts.items():
+            plan[name.replace("e_score_correction_bias", "e_score_correction.bias")] = [name]
+        elif (name == "lm_head.weight" and tied) or 0 in shape:
+            continue  # tied: llama.cpp reuses token_embd; width 0: Glm4Moe's no-op shared expert
+        else:
+            plan[name] = [name]
+    for target, per in experts.items():
         if sorted(per) != list(range(n_experts)):
-            raise ValueError(f"{prefix}.*.{proj}: experts {sorted(per)} present, expected 0..{n_experts - 1}")
-        out[f"{prefix}.{proj}.weight"] = torch.stack([per[e] for e in range(n_experts)])
-    return out
+            raise ValueError(f"{target}: experts {sorted(per)} present, expected 0..{n_experts - 1}")
+        plan[target] = [per[e] for e in range(n_experts)]
+    return dict(sorted(plan.items()))
+
+
+def merged_tensors(state: dict[str, torch.Tensor], n_experts: int) -> dict[str, torch.Tensor]:
+    """The planned tensors materialised (for checks; the writer streams them one at a time)."""
+    plan = plan_tensors({k: list(v.shape) for k, v in state.items()}, n_experts)
+    return {t: state[s[0]] if len(s) == 1 and not EXPERT.match(s[0]) else torch.stack([state[n] for n in s])
+            for t, s in plan.items()}  # fmt: skip
 
 
 def gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
@@ -60,13 +72,13 @@ def gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
     return new
 
 
-def pick_type(gname: str, t: np.ndarray, qtype: str) -> gguf.GGMLQuantizationType:
-    if t.ndim == 1 or any(k in gname for k in KEEP_F32) or qtype == "f32":
+def pick_type(gname: str, shape: list[int], qtype: str) -> gguf.GGMLQuantizationType:
+    if len(shape) == 1 or any(k in gname for k in KEEP_F32) or qtype == "f32":
         return QT.F32
     target = TYPES[qtype]
     block = gguf.GGML_QUANT_SIZES[target][0]
-    if t.shape[-1] % block:
-        log.warning("%s: row length %d is not a multiple of %d; stored F16", gname, t.shape[-1], block)
+    if shape[-1] % block:
+        log.warning("%s: row length %d is not a multiple of %d; stored F16", gname, shape[-1], block)
         return QT.F16
     return target
 
@@ -98,37 +110,78 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, qtype: str) -> None:
     w.add_file_type(FTYPES[qtype])
 
 
+class _Source:
+    """Lazy access to an HF directory's safetensors: shapes without reading, one tensor at a time."""
+
+    def __init__(self, d: Path):
+        index = d / "model.safetensors.index.json"
+        if index.is_file():
+            files = json.loads(index.read_text())["weight_map"]
+        elif (d / "model.safetensors").is_file():
+            with safe_open(str(d / "model.safetensors"), "pt") as f:
+                files = dict.fromkeys(f.keys(), "model.safetensors")  # noqa: SIM118
+        else:
+            raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+        self.handles = {fn: safe_open(str(d / fn), "pt") for fn in set(files.values())}
+        self.files = files
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.handles[self.files[name]].get_slice(name).get_shape())
+
+    def get(self, names: list[str]) -> np.ndarray:
+        ts = [self.handles[self.files[n]].get_tensor(n).float() for n in names]
+        return (torch.stack(ts) if EXPERT.match(names[0]) else ts[0]).numpy()
+
+
+def _encode(arr: np.ndarray, t: gguf.GGMLQuantizationType) -> np.ndarray:
+    if t == QT.F32:
+        return arr.astype(np.float32)
+    if t == QT.F16:
+        return arr.astype(np.float16)
+    return gguf.quants.quantize(arr, t)
+
+
+def _nbytes(shape: list[int], t: gguf.GGMLQuantizationType) -> tuple[list[int], int]:
+    """(shape as the writer wants it, bytes): quantized tensors are declared by their uint8 byte shape."""
+    if t in (QT.F32, QT.F16):
+        return shape, int(np.prod(shape)) * (4 if t == QT.F32 else 2)
+    byte_shape = list(gguf.quant_shape_to_byte_shape(tuple(shape), t))
+    return byte_shape, int(np.prod(byte_shape))
+
+
 def export_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "q8_0") -> dict:
-    """Write `out_file`; returns a summary with tensor types and the tokenizer kind embedded."""
+    """Write `out_file`, streaming one (merged) tensor at a time; returns tensor types and tokenizer kind."""
     if qtype not in TYPES:
         raise ValueError(f"--gguf-type {qtype!r} is not one of {sorted(TYPES)}")
     d = Path(hf_dir)
     cfg = read_config(d)
     if cfg.get("n_group", 1) != 1 or cfg.get("topk_group", 1) != 1:
         raise ValueError(f"{d}/config.json: grouped routing (n_group>1) is not exported to GGUF here")
-    state = merged_tensors(read_state(d), cfg["n_routed_experts"])
-    if cfg.get("tie_word_embeddings"):
-        state.pop("lm_head.weight", None)  # llama.cpp reuses token_embd when `output` is absent
+    src = _Source(d)
+    plan = plan_tensors(
+        {n: src.shape(n) for n in src.files}, cfg["n_routed_experts"], cfg.get("tie_word_embeddings", False)
+    )
     name_map = gguf.get_tensor_name_map(ARCH, cfg["num_hidden_layers"])
     out = Path(out_file)
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out), gguf.MODEL_ARCH_NAMES[ARCH])
     add_hparams(w, cfg, qtype)
     kind = add_vocab(w, d, cfg["vocab_size"], special_ids(d))
-    types: dict[str, int] = {}
-    for hf_name in sorted(state):
-        gname = gguf_name(name_map, hf_name)
-        arr = state[hf_name].float().numpy()
-        t = pick_type(gname, arr, qtype)
-        data = (
-            gguf.quants.quantize(arr, t)
-            if t not in (QT.F32, QT.F16)
-            else arr.astype(np.float32 if t == QT.F32 else np.float16)
-        )
-        w.add_tensor(gname, data, raw_dtype=t if t not in (QT.F32, QT.F16) else None)
+    jobs, types = [], {}
+    for target, names in plan.items():
+        shape = ([len(names)] if EXPERT.match(names[0]) else []) + src.shape(names[0])
+        gname = gguf_name(name_map, target)
+        t = pick_type(gname, shape, qtype)
+        decl, nbytes = _nbytes(shape, t)
+        quant = t not in (QT.F32, QT.F16)
+        dtype = np.uint8 if quant else (np.float32 if t == QT.F32 else np.float16)
+        w.add_tensor_info(gname, decl, np.dtype(dtype), nbytes, raw_dtype=t if quant else None)
+        jobs.append((names, t))
         types[t.name] = types.get(t.name, 0) + 1
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    for names, t in jobs:
+        w.write_tensor_data(_encode(src.get(names), t))
     w.close()
     return {"gguf_type": qtype, "file": out.name, "tensor_types": types, "tokenizer": kind, "arch": "glm4moe"}
