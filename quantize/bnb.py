@@ -55,26 +55,53 @@ def dequantize(parts: dict[str, torch.Tensor], shape: tuple[int, ...], method: s
 
 
 def quantize_bnb(hf_dir: str | Path, out_dir: str | Path, method: str) -> dict:
-    """Quantize every 2-D weight of an HF Glm4Moe dir (experts, shared experts, attention, embeddings, lm_head)."""
-    from .hfdir import copy_side_files, read_state
+    """Quantize every 2-D weight of an HF Glm4Moe dir (experts, shared experts, attention, embeddings, lm_head),
+    one source shard at a time: `kmoe-bnb.safetensors`, or `kmoe-bnb-0000i-of-0000n.safetensors` per source shard."""
+    from .hfdir import copy_side_files, shard_files
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors, shapes, counts = {}, {}, {"quantized": 0, "kept": 0, "experts_quantized": 0}
-    for name, w in read_state(hf_dir).items():
-        if w.ndim != 2 or _keep_fp(name) or w.numel() == 0:
-            tensors[name] = w.float() if _keep_fp(name) else w
-            counts["kept"] += 1
-            continue
-        for suffix, t in quantize_tensor(w, method).items():
-            tensors[name + suffix] = t
-        shapes[name] = list(w.shape)
-        counts["quantized"] += 1
-        counts["experts_quantized"] += ".mlp.experts." in name
-    meta = {"method": method, "blocksize": str(BLOCK), "shapes": json.dumps(shapes)}
-    save_file(tensors, str(out / WEIGHTS), metadata=meta)
+    counts = {"quantized": 0, "kept": 0, "experts_quantized": 0}
+    files = shard_files(hf_dir)
+    for i, fn in enumerate(files, 1):
+        tensors, shapes = {}, {}
+        with safe_open(str(Path(hf_dir) / fn), "pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                w = f.get_tensor(name)
+                if w.ndim != 2 or _keep_fp(name) or w.numel() == 0:
+                    tensors[name] = w.float() if _keep_fp(name) else w
+                    counts["kept"] += 1
+                    continue
+                for suffix, t in quantize_tensor(w, method).items():
+                    tensors[name + suffix] = t
+                shapes[name] = list(w.shape)
+                counts["quantized"] += 1
+                counts["experts_quantized"] += ".mlp.experts." in name
+        meta = {"method": method, "blocksize": str(BLOCK), "shapes": json.dumps(shapes)}
+        name = (
+            WEIGHTS
+            if len(files) == 1
+            else WEIGHTS.replace(".safetensors", f"-{i:05d}-of-{len(files):05d}.safetensors")
+        )
+        save_file(tensors, str(out / name), metadata=meta)
     copy_side_files(hf_dir, out)
-    return {"method": method, "blocksize": BLOCK if method == "nf4" else None, **counts}
+    return {"method": method, "blocksize": BLOCK if method == "nf4" else None, "files": len(files), **counts}
+
+
+def _read_artifact(d: Path) -> tuple[str, dict[str, list[int]], dict[str, torch.Tensor]]:
+    files = sorted(d.glob("kmoe-bnb*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{d}: no {WEIGHTS}; not a kmoe bitsandbytes artifact")
+    methods, shapes, raw = set(), {}, {}
+    for fn in files:
+        with safe_open(str(fn), "pt") as f:
+            meta = f.metadata()
+            methods.add(meta["method"])
+            shapes.update(json.loads(meta["shapes"]))
+            raw.update({k: f.get_tensor(k) for k in f.keys()})  # noqa: SIM118
+    if len(methods) != 1:
+        raise ValueError(f"{d}: weight files disagree on the method: {sorted(methods)}")
+    return methods.pop(), shapes, raw
 
 
 class QuantLinear(nn.Module):
@@ -128,15 +155,10 @@ def load_bnb(artifact_dir: str | Path, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     d = Path(artifact_dir)
-    if not (d / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{d}: no {WEIGHTS}; not a kmoe bitsandbytes artifact")
+    method, shapes, raw = _read_artifact(d)
     config = AutoConfig.from_pretrained(str(d))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    with safe_open(str(d / WEIGHTS), "pt") as f:
-        meta = f.metadata()
-        method, shapes = meta["method"], json.loads(meta["shapes"])
-        raw = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no __iter__)
     q = {
         n: QuantLinear({s: raw.pop(n + s) for s in _suffixes(raw, n)}, shapes[n], method, dtype)
         for n in shapes
@@ -154,7 +176,7 @@ def load_bnb(artifact_dir: str | Path, dtype: torch.dtype = torch.float32):
     if emb in q:
         raw[emb] = q.pop(emb).weight_fp()
     if q:
-        raise ValueError(f"{d / WEIGHTS}: quantized tensors with no module in the model: {sorted(q)[:5]}")
+        raise ValueError(f"{d}: quantized tensors with no module in the model: {sorted(q)[:5]}")
     model.load_state_dict({k: v.to(torch.float32 if k.endswith("bias") else dtype) for k, v in raw.items()},
                           strict=False, assign=True)  # fmt: skip
     if config.tie_word_embeddings:
@@ -162,7 +184,7 @@ def load_bnb(artifact_dir: str | Path, dtype: torch.dtype = torch.float32):
     _init_rope(model, config)
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
-        raise ValueError(f"{d / WEIGHTS}: no weights for {left[:5]}")
+        raise ValueError(f"{d}: no weights for {left[:5]}")
     return model.eval()
 
 

@@ -62,17 +62,20 @@ def require_tokenizer(hf_dir: Path) -> None:
         )
 
 
-def read_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+def shard_files(hf_dir: str | Path) -> list[str]:
     d = Path(hf_dir)
     index = d / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    elif (d / "model.safetensors").is_file():
-        files = ["model.safetensors"]
-    else:
-        raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (d / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    d = Path(hf_dir)
     state: dict[str, torch.Tensor] = {}
-    for f in files:
+    for f in shard_files(d):
         state.update(load_file(str(d / f)))
     return state
 

@@ -49,3 +49,24 @@ def test_stock_transformers_cannot_load_it(tiny_hf, tmp_path):
     quantize_bnb(tiny_hf, tmp_path / "nf4", "nf4")
     with pytest.raises(OSError):
         AutoModelForCausalLM.from_pretrained(str(tmp_path / "nf4"))
+
+
+def test_sharded_source_gives_sharded_artifact_that_loads(tiny_hf, tmp_path):
+    from model.export_hf import export_hf
+    from quantize.gguf_export import export_gguf
+
+    sharded = tmp_path / "hf-sharded"
+    export_hf(tiny_hf.parent / "ckpt", sharded, dtype="float32", tokenizer_dir=tiny_hf.parent / "tok",
+              max_shard_bytes=200_000)  # fmt: skip
+    assert (sharded / "model.safetensors.index.json").is_file()
+    one, many = (
+        quantize_bnb(tiny_hf, tmp_path / "one", "int8"),
+        quantize_bnb(sharded, tmp_path / "many", "int8"),
+    )
+    assert many["files"] > 1 and many["quantized"] == one["quantized"]
+    x = torch.randint(0, 400, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(load_bnb(tmp_path / "one")(x).logits, load_bnb(tmp_path / "many")(x).logits)
+    export_gguf(tiny_hf, tmp_path / "a.gguf", "q8_0")
+    export_gguf(sharded, tmp_path / "b.gguf", "q8_0")
+    assert (tmp_path / "a.gguf").read_bytes() == (tmp_path / "b.gguf").read_bytes()
