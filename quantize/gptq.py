@@ -63,6 +63,7 @@ def quantize_gptq(
     group_size: int = 32,
     calibrate_all_experts: bool = True,
     ignore_lm_head: bool = True,
+    min_expert_tokens: int = 1,
 ) -> dict:
     """Write a compressed-tensors GPTQ artifact to `out_dir`; returns params and per-expert token counts."""
     from datasets import Dataset
@@ -77,14 +78,19 @@ def quantize_gptq(
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     check_group_size(model, group_size, ignore_lm_head)
     routed = count_expert_tokens(model, sequences)
-    starved = starved_experts(routed)
+    starved = starved_experts(routed, min_expert_tokens)
     if starved and not calibrate_all_experts:
         raise CalibrationError(
-            f"calibration routed no tokens to {len(starved)} expert(s): {starved[:8]}; GPTQ would quantize them "
-            "without data. Calibrate all experts (the default) or add calibration text that reaches them"
+            f"calibration routed fewer than {min_expert_tokens} token(s) to {len(starved)} expert(s): "
+            f"{starved[:8]}; GPTQ would quantize them from (almost) no data. Calibrate all experts (the default) "
+            "or add calibration text that reaches them"
         )
     if starved:
-        log.warning("router sends no calibration tokens to %s; calibrating them on all tokens", starved)
+        log.warning(
+            "router sends < %d calibration tokens to %s; calibrating them on all tokens",
+            min_expert_tokens,
+            starved,
+        )
     ds = Dataset.from_dict({"input_ids": sequences, "attention_mask": [[1] * len(s) for s in sequences]})
     oneshot(
         model=model,
@@ -115,5 +121,6 @@ def quantize_gptq(
         "calibrated_tokens_per_expert": (
             {k: [total] * len(v) for k, v in routed.items()} if calibrate_all_experts else routed
         ),
+        "min_expert_tokens": min_expert_tokens,
         "starved_experts_fixed": starved,
     }

@@ -7,7 +7,8 @@ Files written into the artifact:
   signing_key.pub    the signer's public key (PEM), itself listed in the manifest
 Key handling: `--key PATH` signs with the PEM private key at PATH (created, mode 0600, when absent); without
 it an ephemeral key is generated and only its public half is kept, which proves the files match the manifest
-but not who made it. `verify(..., pubkey=PEM)` pins the expected signer.
+but not who made it. `verify(..., pubkey=FILE)` pins the expected signer (PEM, or the raw hex public key
+that training/ledger.py writes beside a run key, so an artifact can be signed with the run's ledger key).
 """
 
 from __future__ import annotations
@@ -58,6 +59,23 @@ def _pub_pem(key) -> bytes:
     return key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
     )
+
+
+def _raw_hex(pub) -> str:
+    from cryptography.hazmat.primitives import serialization
+
+    return pub.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def load_public_key(data: bytes):
+    """A PEM public key, or the 64-hex-digit raw Ed25519 key the training ledger writes to `<key>.pub`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    text = data.strip()
+    if len(text) == 64 and all(c in b"0123456789abcdefABCDEF" for c in text):
+        return Ed25519PublicKey.from_public_bytes(bytes.fromhex(text.decode()))
+    return serialization.load_pem_public_key(data)
 
 
 def source_digest(source: str | Path) -> dict:
@@ -114,7 +132,12 @@ def sign_artifact(out_dir: str | Path, source: dict, ledger: str | None, key_pat
         "files": _file_digests(out),
         "source": source,
         "ledger_head": ledger,
-        "signer": {"algorithm": "ed25519", "public_key_sha256": sha256_bytes(pem), "key": key_desc},
+        "signer": {
+            "algorithm": "ed25519",
+            "public_key_sha256": sha256_bytes(pem),
+            "public_key_hex": _raw_hex(key.public_key()),  # the form training/ledger.py prints
+            "key": key_desc,
+        },
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True, ensure_ascii=False) + "\n")
     (out / SIGNATURE).write_text(key.sign(canonical_json(manifest)).hex() + "\n")
@@ -124,7 +147,6 @@ def sign_artifact(out_dir: str | Path, source: dict, ledger: str | None, key_pat
 def verify_artifact(out_dir: str | Path, pubkey: str | Path | None = None) -> dict:
     """Check signature and every file digest; raises ArtifactError naming each file that does not match."""
     from cryptography.exceptions import InvalidSignature
-    from cryptography.hazmat.primitives import serialization
 
     out = Path(out_dir)
     for name in (MANIFEST, SIGNATURE, PUBKEY):
@@ -137,7 +159,7 @@ def verify_artifact(out_dir: str | Path, pubkey: str | Path | None = None) -> di
         raise ArtifactError(f"{out}: {MANIFEST} or {SIGNATURE} is unreadable ({e})") from None
     pem = Path(pubkey).read_bytes() if pubkey else (out / PUBKEY).read_bytes()
     try:
-        serialization.load_pem_public_key(pem).verify(sig, canonical_json(manifest))
+        load_public_key(pem).verify(sig, canonical_json(manifest))
     except (InvalidSignature, ValueError):
         raise ArtifactError(
             f"{out}: signature check failed: {MANIFEST}, {SIGNATURE} or {PUBKEY} was changed"

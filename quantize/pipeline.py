@@ -30,6 +30,7 @@ class QuantizeOptions:
     num_samples: int = 64
     seq_len: int = 256
     calibrate_all_experts: bool = True
+    min_expert_tokens: int = 1
     quantize_lm_head: bool = False
     tokenizer: str | None = None
     key: str | None = None
@@ -114,5 +115,6 @@ def _run_method(hf: Path, out: Path, opts: QuantizeOptions) -> tuple[dict, dict 
     params = quantize_gptq(
         hf, out, flat, bits=opts.bits, group_size=opts.group_size,
         calibrate_all_experts=opts.calibrate_all_experts, ignore_lm_head=not opts.quantize_lm_head,
+        min_expert_tokens=opts.min_expert_tokens,
     )  # fmt: skip
     return params, C.docs_record(docs, seqs, mix)

@@ -92,6 +92,9 @@ def test_gptq_starved_expert_fails_loudly_or_is_calibrated_on_all_tokens(trained
     # The CLI turns the error into exit code 2 with one line; check that path too.
     assert main(["quantize", "--method", "gptq", *map(str, common), "--no-calibrate-all-experts",
                  str(hf), str(tmp_path / "bad2")]) == 2  # fmt: skip
+    with pytest.raises(ValueError, match="fewer than 100000 token"):  # a minimum no expert reaches
+        main(["-v", "quantize", "--method", "gptq", *map(str, common), "--no-calibrate-all-experts",
+              "--min-expert-tokens", "100000", str(trained["hf"]), str(tmp_path / "bad3")])  # fmt: skip
     _run("--method", "gptq", *common, hf, tmp_path / "fixed")
     p = json.loads((tmp_path / "fixed" / "quantization.json").read_text())["params"]
     assert p["routed_tokens_per_expert"]["layers.2"][6] == 0

@@ -129,3 +129,16 @@ def test_bad_requests_fail_before_any_model_is_loaded(tmp_path):
     with pytest.raises(ValueError, match="only replaces a previous kmoe artifact"):
         quantize(src, tmp_path / "o", QuantizeOptions(method="nf4", force=True))
     assert (tmp_path / "o" / "mine.txt").read_text() == "keep me"
+
+
+def test_ledger_style_hex_public_key_pins_the_signer(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+
+    key_path = tmp_path / "run.ed25519"
+    key, _ = load_or_create_key(key_path)
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+    (tmp_path / "run.ed25519.pub").write_text(raw + "\n")  # what training/ledger.py writes
+    d = _artifact(tmp_path)
+    m = sign_artifact(d, {"kind": "x", "merkle_root": "0" * 64}, None, key_path)
+    assert m["signer"]["public_key_hex"] == raw
+    verify_artifact(d, pubkey=tmp_path / "run.ed25519.pub")
