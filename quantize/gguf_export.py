@@ -34,6 +34,7 @@ FTYPES = {
 }  # fmt: skip
 EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 KEEP_F32 = ("ffn_gate_inp", "exp_probs_b", "_norm")
+ZEROS = "<zeros>"
 
 
 def plan_tensors(shapes: dict[str, list[int]], n_experts: int, tied: bool = False) -> dict[str, list[str]]:
@@ -47,8 +48,10 @@ def plan_tensors(shapes: dict[str, list[int]], n_experts: int, tied: bool = Fals
             experts.setdefault(f"{m[1]}.{m[3]}.weight", {})[int(m[2])] = name
         elif name.endswith("e_score_correction_bias"):
             plan[name.replace("e_score_correction_bias", "e_score_correction.bias")] = [name]
-        elif (name == "lm_head.weight" and tied) or 0 in shape:
-            continue  # tied: llama.cpp reuses token_embd; width 0: Glm4Moe's no-op shared expert
+        elif name == "lm_head.weight" and tied:
+            continue  # llama.cpp reuses token_embd when `output` is absent
+        elif 0 in shape:  # Glm4Moe's no-op shared expert (no shared experts): llama.cpp still computes one,
+            plan[name] = [ZEROS]  # so it gets a zero expert of one expert's width, an exact no-op too
         else:
             plan[name] = [name]
     for target, per in experts.items():
@@ -62,7 +65,7 @@ def merged_tensors(state: dict[str, torch.Tensor], n_experts: int) -> dict[str, 
     """The planned tensors materialised (for checks; the writer streams them one at a time)."""
     plan = plan_tensors({k: list(v.shape) for k, v in state.items()}, n_experts)
     return {t: state[s[0]] if len(s) == 1 and not EXPERT.match(s[0]) else torch.stack([state[n] for n in s])
-            for t, s in plan.items()}  # fmt: skip
+            for t, s in plan.items() if s != [ZEROS]}  # fmt: skip
 
 
 def gguf_name(name_map: gguf.TensorNameMap, hf_name: str) -> str:
@@ -101,7 +104,7 @@ def add_hparams(w: gguf.GGUFWriter, cfg: dict, qtype: str) -> None:
     w.add_expert_count(cfg["n_routed_experts"])
     w.add_expert_used_count(cfg["num_experts_per_tok"])
     w.add_expert_feed_forward_length(cfg["moe_intermediate_size"])
-    w.add_expert_shared_count(cfg.get("n_shared_experts") or 0)
+    w.add_expert_shared_count(max(1, cfg.get("n_shared_experts") or 0))  # 0: a zero expert is written
     w.add_leading_dense_block_count(cfg.get("first_k_dense_replace") or 0)
     w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID)
     w.add_expert_weights_scale(float(cfg.get("routed_scaling_factor", 1.0)))
@@ -128,7 +131,9 @@ class _Source:
     def shape(self, name: str) -> list[int]:
         return list(self.handles[self.files[name]].get_slice(name).get_shape())
 
-    def get(self, names: list[str]) -> np.ndarray:
+    def get(self, names: list[str], shape: list[int]) -> np.ndarray:
+        if names == [ZEROS]:
+            return np.zeros(shape, dtype=np.float32)
         ts = [self.handles[self.files[n]].get_tensor(n).float() for n in names]
         return (torch.stack(ts) if EXPERT.match(names[0]) else ts[0]).numpy()
 
@@ -169,19 +174,23 @@ def export_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "q8_0") -
     kind = add_vocab(w, d, cfg["vocab_size"], special_ids(d))
     jobs, types = [], {}
     for target, names in plan.items():
-        shape = ([len(names)] if EXPERT.match(names[0]) else []) + src.shape(names[0])
+        if names == [ZEROS]:
+            ff, hidden = cfg["moe_intermediate_size"], cfg["hidden_size"]
+            shape = [hidden, ff] if ".down_proj" in target else [ff, hidden]
+        else:
+            shape = ([len(names)] if EXPERT.match(names[0]) else []) + src.shape(names[0])
         gname = gguf_name(name_map, target)
         t = pick_type(gname, shape, qtype)
         decl, nbytes = _nbytes(shape, t)
         quant = t not in (QT.F32, QT.F16)
         dtype = np.uint8 if quant else (np.float32 if t == QT.F32 else np.float16)
         w.add_tensor_info(gname, decl, np.dtype(dtype), nbytes, raw_dtype=t if quant else None)
-        jobs.append((names, t))
+        jobs.append((names, shape, t))
         types[t.name] = types.get(t.name, 0) + 1
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    for names, t in jobs:
-        w.write_tensor_data(_encode(src.get(names), t))
+    for names, shape, t in jobs:
+        w.write_tensor_data(_encode(src.get(names, shape), t))
     w.close()
     return {"gguf_type": qtype, "file": out.name, "tensor_types": types, "tokenizer": kind, "arch": "glm4moe"}

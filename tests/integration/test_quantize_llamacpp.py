@@ -83,3 +83,46 @@ def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer
     assert got["f16"][1] == ref, got
     assert got["q8_0"][1][:2] == ref[:2] and got["q4_0"][1][:1] == ref[:1], got
     sys.stdout.write(f"llama.cpp vs transformers: {got} ref {ref}\n")
+
+
+VARIANTS = {
+    "no_shared_expert": dict(num_shared_experts=0),
+    "two_shared_experts": dict(num_shared_experts=2),
+    # no QK-norm, all layers MoE, tied embeddings, unnormalised scaled weights, full rotary
+    "plain": dict(num_shared_experts=0, qk_norm=False, first_k_dense=0, tie_embeddings=True, norm_topk_prob=False,
+                  routed_scaling_factor=2.5, rotary_fraction=1.0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_f32_gguf_matches_transformers_for_every_export_option(tmp_path, variant):
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    lc = llama_cpp()
+    from transformers import AutoModelForCausalLM
+
+    from model import ModelConfig, MoETransformer, init_weights
+    from model.checkpoint import model_state, save_model_dir
+    from model.export_hf import export_hf
+    from quantize.devtools import TINY_MODEL, build_tokenizer
+    from quantize.gguf_export import export_gguf
+
+    tok = build_tokenizer(tmp_path / "tok", 300)
+    cfg = ModelConfig(**{**TINY_MODEL, "vocab_size": 320, **VARIANTS[variant]})
+    model = MoETransformer(cfg)
+    init_weights(model, cfg, seed=5)
+    with torch.no_grad():
+        for moe in model.moe_layers():
+            moe.router.expert_bias.uniform_(-0.05, 0.05)
+    save_model_dir(tmp_path / "ck", model_state(model), {"model": cfg.__dict__})
+    export_hf(tmp_path / "ck", tmp_path / "hf", dtype="float32", tokenizer_dir=tok)
+    export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f32")
+    ids = [5, 17, 33, 80, 120, 7, 9, 250, 3, 64]
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(torch.tensor([ids])).logits[0].numpy()
+    llm = lc.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False,
+                   type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)  # fmt: skip
+    llm.eval(ids)
+    diff = float(np.abs(np.asarray(llm.scores[: len(ids)]) - ref).max())
+    llm.close()
+    assert diff < 1e-4, diff
