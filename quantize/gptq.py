@@ -36,7 +36,15 @@ def check_group_size(model: torch.nn.Module, group_size: int, ignore_lm_head: bo
             )
 
 
-def recipe(bits: int, group_size: int, ignore_lm_head: bool, dampening: float = 0.01):
+def ignored_modules(model: torch.nn.Module, ignore_lm_head: bool) -> list[str]:
+    """Router, (lm_head), and zero-width Linears (Glm4Moe's no-op shared expert when a model has none)."""
+    if not ignore_lm_head and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError("--quantize-lm-head: lm_head is tied to the token embedding, which stays 16-bit")
+    empty = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() == 0]
+    return (IGNORE if ignore_lm_head else IGNORE[:1]) + empty
+
+
+def recipe(bits: int, group_size: int, ignore: list[str], dampening: float = 0.01):
     from llmcompressor.modifiers.quantization import GPTQModifier
 
     if bits not in (4, 8):
@@ -50,7 +58,7 @@ def recipe(bits: int, group_size: int, ignore_lm_head: bool, dampening: float = 
     }
     return GPTQModifier(
         config_groups={"group_0": {"targets": ["Linear"], "weights": weights}},
-        ignore=IGNORE if ignore_lm_head else IGNORE[:1],
+        ignore=ignore,
         dampening_frac=dampening,
     )
 
@@ -77,6 +85,7 @@ def quantize_gptq(
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     check_group_size(model, group_size, ignore_lm_head)
+    ignore = ignored_modules(model, ignore_lm_head)
     routed = count_expert_tokens(model, sequences)
     starved = starved_experts(routed, min_expert_tokens)
     if starved and not calibrate_all_experts:
@@ -96,7 +105,7 @@ def quantize_gptq(
         model=model,
         tokenizer=tok,
         dataset=ds,
-        recipe=recipe(bits, group_size, ignore_lm_head),
+        recipe=recipe(bits, group_size, ignore),
         max_seq_length=max(map(len, sequences)),
         num_calibration_samples=len(sequences),
         shuffle_calibration_samples=False,
@@ -115,7 +124,7 @@ def quantize_gptq(
         "symmetric": True,
         "format": "compressed-tensors (pack-quantized)",
         "calibrate_all_experts": calibrate_all_experts,
-        "ignored": IGNORE if ignore_lm_head else IGNORE[:1],
+        "ignored": ignore,
         "calibration_tokens": total,
         "routed_tokens_per_expert": routed,
         "calibrated_tokens_per_expert": (

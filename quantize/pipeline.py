@@ -73,10 +73,14 @@ def quantize(source: str | Path, out_dir: str | Path, opts: QuantizeOptions) -> 
     if out.exists():
         shutil.rmtree(out)  # a previous artifact (checked above): no stale file may enter the new manifest
     out.mkdir(parents=True)
-    with tempfile.TemporaryDirectory(prefix="kmoe-quant-") as work:
-        hf = resolve_source(source, Path(work), opts.tokenizer)
-        require_tokenizer(hf)
-        params, calib = _run_method(hf, out, opts)
+    try:
+        with tempfile.TemporaryDirectory(prefix="kmoe-quant-") as work:
+            hf = resolve_source(source, Path(work), opts.tokenizer)
+            require_tokenizer(hf)
+            params, calib = _run_method(hf, out, opts)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # no half-written artifact that looks like a result
+        raise
     qjson = {
         "method": opts.method,
         "params": params,

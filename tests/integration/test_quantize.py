@@ -184,3 +184,30 @@ def test_gptq_beats_plain_rounding(trained, gptq, tmp_path):
                 for s in seqs
             )
     assert err["gptq"] < err["rtn"], err
+
+
+def test_model_without_shared_experts_with_tied_embeddings(trained, tmp_path):
+    """Glm4Moe's zero-width shared expert and a tied lm_head: GPTQ skips the former, refuses to quantize the
+    latter, and a failed run leaves no half-written artifact."""
+    from transformers import AutoModelForCausalLM
+
+    from model import ModelConfig, MoETransformer, init_weights
+    from model.checkpoint import model_state, save_model_dir
+    from quantize.devtools import TINY_MODEL
+
+    cfg = ModelConfig(**{**TINY_MODEL, "vocab_size": 720, "num_shared_experts": 0, "tie_embeddings": True,
+                         "first_k_dense": 0})  # fmt: skip
+    model = MoETransformer(cfg)
+    init_weights(model, cfg, seed=9)
+    save_model_dir(tmp_path / "ck", model_state(model), {"model": cfg.__dict__})
+    common = ["--group-size", "32", "--calib", trained["text"], "--seq-len", "32", "--num-samples", "4",
+              "--tokenizer", trained["tokenizer"]]  # fmt: skip
+    assert main(["quantize", "--method", "gptq", *map(str, common), "--quantize-lm-head",
+                 str(tmp_path / "ck"), str(tmp_path / "bad")]) == 2  # fmt: skip
+    assert not (tmp_path / "bad").exists()
+    _run("--method", "gptq", *common, tmp_path / "ck", tmp_path / "gptq")
+    p = json.loads((tmp_path / "gptq" / "quantization.json").read_text())["params"]
+    assert set(p["routed_tokens_per_expert"]) == {"layers.0", "layers.1", "layers.2"}
+    assert any("shared_experts.down_proj" in n for n in p["ignored"])
+    m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gptq"), dtype=torch.float32)
+    assert m(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 720)
