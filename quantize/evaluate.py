@@ -85,25 +85,35 @@ class LlamaRunner:
         return out
 
 
-def open_artifact(path: Path, n_ctx: int):
-    """A runner for an artifact dir (or a .gguf file) and a label for it."""
-    from transformers import AutoModelForCausalLM
-
+def artifact_kind(path: Path) -> tuple[str, str, Path]:
+    """(method, table label, file or dir to open) for an artifact dir or a .gguf file."""
     qj = path / "quantization.json"
     q = json.loads(qj.read_text()) if qj.is_file() else {}
-    method = q.get("method")
-    if path.suffix == ".gguf" or method == "gguf":
+    method = q.get("method") or ("gguf" if path.suffix == ".gguf" else "hf")
+    if method == "gguf":
         f = path if path.suffix == ".gguf" else next(path.glob("*.gguf"))
-        return LlamaRunner(f, n_ctx), f"gguf {f.stem.removeprefix('model-')}"
+        return method, f"gguf {f.stem.removeprefix('model-')}", f
+    if method == "gptq":
+        p = q["params"]
+        return (
+            method,
+            f"gptq {p['scheme']} g{p['group_size']}" + ("" if "lm_head" in p["ignored"] else " +head"),
+            path,
+        )
+    return method, method, path
+
+
+def open_artifact(method: str, path: Path, n_ctx: int):
+    """A runner for the artifact; ImportError when it needs llama-cpp-python and that is not installed."""
+    from transformers import AutoModelForCausalLM
+
+    if method == "gguf":
+        return LlamaRunner(path, n_ctx)
     if method in ("nf4", "int8"):
         from .bnb import load_bnb
 
-        return HFRunner(load_bnb(path)), method
-    label = method or "hf"
-    if method == "gptq":
-        p = q["params"]
-        label = f"gptq {p['scheme']} g{p['group_size']}" + ("" if "lm_head" in p["ignored"] else " +head")
-    return HFRunner(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)), label
+        return HFRunner(load_bnb(path))
+    return HFRunner(AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32))
 
 
 def perplexity(runner, seqs: dict[str, list[list[int]]]) -> dict[str, float]:
@@ -152,12 +162,13 @@ def evaluate(source_hf: Path, artifacts: list[Path], eval_paths: list[str], seq_
     ]
     del src_runner
     for a in artifacts:
+        method, label, target = artifact_kind(a)
         try:
-            runner, label = open_artifact(a, seq_len + gen_tokens + 8)
+            runner = open_artifact(method, target, seq_len + gen_tokens + 8)
         except ImportError as e:
-            rows.append(
-                {**_row(a.name, a, params, bf16, None, base_ppl, None, None, base_toks), "note": str(e)}
-            )
+            note = f"{label}: sizes only, llama-cpp-python is not installed (`make llama-cpp`): {e}"
+            log.warning(note)
+            rows.append({**_row(label, a, params, bf16, None, base_ppl, None, None, base_toks), "note": note})
             continue
         ppl = perplexity(runner, seqs)
         speed, toks = tokens_per_s(runner, prompt, gen_tokens)
