@@ -4,7 +4,9 @@ Inputs (one or more paths):
   *.jsonl / *.jsonl.gz   one {"text": ..., "lang": ...} per line (the corpus' kept-doc format)
   *.txt                  one document per non-empty line; language from the file stem (ko.txt) or "unk"
   a shards directory     megatron `<lang>.bin/.idx` pairs (+ manifest.json): documents are read from the TAIL
-                         of each language shard, the part megatron's default split (969,30,1) holds out
+                         of each language shard, the part megatron's default split (969,30,1) holds out;
+                         eval reads the last min(EVAL_DOCS, n/2) documents of a shard of n, calibration
+                         the documents before those, so the two never share a document
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from kmoe.hashing import sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
 LANGS = ("ko", "en", "ja", "code")
+EVAL_DOCS = 256  # per language shard
 
 
 class CalibrationError(ValueError):
@@ -56,11 +59,14 @@ def parse_mix(spec: str | None) -> dict[str, float] | None:
     return mix
 
 
-def read_docs(paths: Iterable[str | Path], shard_docs: int = 256) -> Docs:
+def read_docs(paths: Iterable[str | Path], shard_docs: int = EVAL_DOCS, part: str = "eval") -> Docs:
+    """Documents from every path; from shards, up to `shard_docs` per language of the eval or calib part."""
+    if part not in ("eval", "calib"):
+        raise ValueError(f"part {part!r} is not 'eval' or 'calib'")
     docs = Docs()
     for p in map(Path, paths):
         if p.is_dir():
-            _read_shards(p, docs, shard_docs)
+            _read_shards(p, docs, shard_docs, part)
         elif p.suffix == ".txt":
             _read_txt(p, docs)
         elif p.name.endswith((".jsonl", ".jsonl.gz")):
@@ -94,7 +100,7 @@ def _read_jsonl(p: Path, docs: Docs) -> None:
     docs.files[str(p)] = sha256_file(p)
 
 
-def _read_shards(d: Path, docs: Docs, per_lang: int) -> None:
+def _read_shards(d: Path, docs: Docs, per_lang: int, part: str) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     found = sorted(d.glob("*.idx"))
@@ -106,7 +112,13 @@ def _read_shards(d: Path, docs: Docs, per_lang: int) -> None:
             raise CalibrationError(f"{idx}: {prefix.name}.bin is missing")
         ds = IndexedDataset(str(prefix))
         n = len(ds)
-        tail = range(max(0, n - per_lang), n)
+        if n < 2:
+            raise CalibrationError(
+                f"{prefix}: {n} document(s); need 2 or more to keep eval and calibration apart"
+            )
+        held = min(EVAL_DOCS, n // 2)
+        end = n if part == "eval" else n - held
+        tail = range(max(0, end - min(per_lang, held if part == "eval" else per_lang)), end)
         docs.ids.setdefault(prefix.name, []).extend([ds[i].astype("int64").tolist() for i in tail])
         for f in (idx, prefix.with_suffix(".bin")):
             docs.files[str(f)] = sha256_file(f)

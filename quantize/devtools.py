@@ -85,6 +85,25 @@ def write_text_jsonl(path: str | Path) -> Path:
     return path
 
 
+def write_token_shards(tokenizer_dir: str | Path, out_dir: str | Path, copies: int = 3) -> Path:
+    """The sample texts as megatron `<lang>.bin/.idx` shards (int32 ids, </s> after each document), the
+    layout `kmoe data build` writes; each text `copies` times so a shard has eval and calibration halves."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for lang, texts in SAMPLE_TEXTS.items():
+        b = IndexedDatasetBuilder(str(out / f"{lang}.bin"), dtype=np.int32)
+        for t in texts * copies:
+            ids = tok(t)["input_ids"] + [tok.eos_token_id]
+            b.add_document(torch.tensor(ids, dtype=torch.int32), [len(ids)])
+        b.finalize(str(out / f"{lang}.idx"))
+    return out
+
+
 def train_tiny(
     tokenizer_dir: str | Path, ckpt_dir: str | Path, steps: int = 60, seed: int = 0, **overrides
 ) -> Path:

@@ -111,7 +111,7 @@ def _run_method(hf: Path, out: Path, opts: QuantizeOptions) -> tuple[dict, dict 
     from .gptq import quantize_gptq
 
     mix = C.parse_mix(opts.mix)
-    docs = C.read_docs(opts.calib)
+    docs = C.read_docs(opts.calib, part="calib")  # shards: never the documents eval reads
     seqs = C.token_sequences(
         docs, AutoTokenizer.from_pretrained(str(hf)), opts.seq_len, opts.num_samples, mix
     )

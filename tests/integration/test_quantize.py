@@ -211,3 +211,23 @@ def test_model_without_shared_experts_with_tied_embeddings(trained, tmp_path):
     assert any("shared_experts.down_proj" in n for n in p["ignored"])
     m = AutoModelForCausalLM.from_pretrained(str(tmp_path / "gptq"), dtype=torch.float32)
     assert m(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 720)
+
+
+def test_gptq_calibrates_and_eval_reads_disjoint_halves_of_token_shards(trained, tmp_path):
+    from quantize import calibration as C
+    from quantize.devtools import write_token_shards
+    from quantize.samples import SAMPLE_TEXTS
+
+    shards = write_token_shards(trained["tokenizer"], tmp_path / "shards")
+    calib, held = C.read_docs([shards], part="calib"), C.read_docs([shards])
+    for lang in ("ko", "en", "ja", "code"):
+        assert calib.ids[lang] and held.ids[lang]
+        assert len(calib.ids[lang]) + len(held.ids[lang]) == 3 * len(SAMPLE_TEXTS[lang])  # a partition
+    _run("--method", "gptq", "--group-size", "32", "--calib", shards, "--seq-len", "64", "--num-samples", "8",
+         trained["hf"], tmp_path / "gptq")  # fmt: skip
+    q = json.loads((tmp_path / "gptq" / "quantization.json").read_text())
+    assert {p.rsplit("/", 1)[1] for p in q["calibration"]["files"]} == {
+        f"{lang}.{ext}" for lang in ("ko", "en", "ja", "code") for ext in ("bin", "idx")
+    }
+    _run("eval", trained["hf"], tmp_path / "gptq", "--eval-data", shards, "--seq-len", "64", "--max-seqs", "2",
+         "--gen-tokens", "4")  # fmt: skip

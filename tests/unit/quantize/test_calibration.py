@@ -44,6 +44,10 @@ def test_megatron_shards_are_read_from_the_tail(tmp_path):
     b.finalize(str(tmp_path / "ko.idx"))
     docs = C.read_docs([tmp_path], shard_docs=3)
     assert docs.ids["ko"] == [[7, 8, 2], [8, 9, 2], [9, 10, 2]]
+    assert len(C.read_docs([tmp_path]).ids["ko"]) == 5  # eval holds at most half of a small shard
+    calib = C.read_docs([tmp_path], shard_docs=3, part="calib")  # just before the eval half
+    assert calib.ids["ko"] == [[2, 3, 2], [3, 4, 2], [4, 5, 2]]
+    assert len(C.read_docs([tmp_path], part="calib").ids["ko"]) == 5
     assert set(map(lambda p: p.rsplit("/", 1)[1], docs.files)) == {"ko.bin", "ko.idx"}
 
 
