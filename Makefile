@@ -61,22 +61,24 @@ llama-cpp: install
 	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 
 # Quantize the demo model into every format, check each signature, print size/perplexity/speed per artifact.
-# Until the data/train stages feed this stage, its tokenizer and held-out text come from quantize.devtools.
+# Until the data/train stages feed this stage, its tokenizer and token shards come from quantize.devtools
+# (then: QSRC=<trained export> QTOK=<tokenizer dir> QDATA=<build OUT>/shards). Calibration and eval read
+# disjoint tails of each language shard.
 QSRC ?= $(DEMO)/tiny-init-hf
 QIN ?= $(DEMO)/quant-inputs
 QTOK ?= $(QIN)/tokenizer
-QTEXT ?= $(QIN)/text.jsonl
+QDATA ?= $(QIN)/shards
 QOUT := $(DEMO)/quant
 demo-quantize: install demo-model
 	$(PY) -m quantize.devtools $(QIN) --inputs-only
 	rm -rf $(QOUT) && mkdir -p $(QOUT)
-	OMP_NUM_THREADS=1 $(KMOE) quantize --method gptq --group-size 128 --calib $(QTEXT) --num-samples 32 \
+	OMP_NUM_THREADS=1 $(KMOE) quantize --method gptq --group-size 128 --calib $(QDATA) --num-samples 32 \
 	  --seq-len 128 --mix ko=0.4,en=0.2,ja=0.2,code=0.2 --quantize-lm-head --tokenizer $(QTOK) $(QSRC) $(QOUT)/gptq
 	$(KMOE) quantize --method nf4 --tokenizer $(QTOK) $(QSRC) $(QOUT)/nf4
 	$(KMOE) quantize --method int8 --tokenizer $(QTOK) $(QSRC) $(QOUT)/int8
 	for t in f16 q8_0 q4_0; do $(KMOE) quantize --method gguf --gguf-type $$t --tokenizer $(QTOK) $(QSRC) $(QOUT)/gguf-$$t || exit 1; done
 	for d in $(QOUT)/*/; do $(KMOE) quantize verify $$d || exit 1; done
-	OMP_WAIT_POLICY=PASSIVE $(KMOE) quantize eval $(QSRC) $(QOUT)/*/ --tokenizer $(QTOK) --eval-data $(QTEXT) \
+	OMP_WAIT_POLICY=PASSIVE $(KMOE) quantize eval $(QSRC) $(QOUT)/*/ --tokenizer $(QTOK) --eval-data $(QDATA) \
 	  --seq-len 128 --json $(QOUT)/eval.json
 
 # Until `kmoe data build` feeds it, the tokenizer trains on a small real dev corpus fetched into .cache/tok-dev

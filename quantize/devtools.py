@@ -2,7 +2,7 @@
 tiny MoE briefly trained on them, exported to HF. Not used by the quantizers themselves.
 
     python -m quantize.devtools OUT_DIR [--steps N]   # writes OUT_DIR/{tokenizer,ckpt,hf,text.jsonl}
-    python -m quantize.devtools OUT_DIR --inputs-only  # only OUT_DIR/{tokenizer,text.jsonl}
+    python -m quantize.devtools OUT_DIR --inputs-only  # only OUT_DIR/{tokenizer,text.jsonl,shards/}
 """
 
 from __future__ import annotations
@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     if a.inputs_only:
         build = {"sp": build_sp_tokenizer, "bpe": build_tokenizer}[a.tokenizer]
         made = {"tokenizer": build(out / "tokenizer"), "text": write_text_jsonl(out / "text.jsonl")}
+        made["shards"] = write_token_shards(made["tokenizer"], out / "shards")
     else:
         made = build_all(out, steps=a.steps, tokenizer=a.tokenizer)
     for k, v in made.items():
