@@ -100,15 +100,19 @@ def ledger_head(source: str | Path) -> str | None:
     for d in [p, *list(p.parents)[:3]]:
         ledger = d / "ledger.jsonl"
         if ledger.is_file():
-            lines = [ln for ln in ledger.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            if not lines:
-                return None
-            try:
-                return sha256_json(json.loads(lines[-1]))
-            except json.JSONDecodeError:
-                raise ArtifactError(
-                    f"{ledger}:{len(lines)}: last ledger record is not JSON (torn write?)"
-                ) from None
+            lines = [
+                ln for ln in ledger.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
+            ]
+            for n, line in reversed(list(enumerate(lines, 1))):
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    log.warning(
+                        "%s:%d: torn ledger line (crash mid-write); head is the record before it", ledger, n
+                    )
+                    continue
+                return sha256_json(record)
+            return None
     return None
 
 

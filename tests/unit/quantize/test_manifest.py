@@ -105,6 +105,9 @@ def test_ledger_head_is_found_from_a_run_checkpoint(tmp_path):
     recs = [{"seq": 0, "kind": "genesis"}, {"seq": 1, "kind": "step", "prev": "x"}]
     (run / "ledger.jsonl").write_bytes(b"".join(canonical_json(r) + b"\n" for r in recs))
     assert ledger_head(ck) == sha256_json(recs[-1])
+    with (run / "ledger.jsonl").open("ab") as f:
+        f.write(b'{"seq": 2, "kin')  # a torn last line, as a crash leaves it
+    assert ledger_head(ck) == sha256_json(recs[-1])
     (ck / "digests.json").write_text(json.dumps({"merkle_root": "ab" * 32, "tensors": {}}))
     assert source_digest(ck) == {"path": str(ck), "kind": "kmoe-checkpoint", "merkle_root": "ab" * 32}
 
