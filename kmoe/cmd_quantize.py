@@ -22,7 +22,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", choices=["gptq", "gguf", "nf4", "int8"])
     p.add_argument("--bits", type=int, default=4, help="GPTQ weight bits (4 or 8)")
     p.add_argument("--group-size", type=int, default=128, help="GPTQ group size; must divide layer widths")
-    p.add_argument("--gguf-type", default="q4_0", choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0"])
+    p.add_argument("--gguf-type", default="q4_0",
+                   choices=["f32", "f16", "q8_0", "q4_0", "q4_1", "q5_0", "q4_k_m", "q5_k_m", "q6_k"],
+                   help="K-quants (q4_k_m, ...) are made by llama.cpp itself: `make llama-cpp` first")  # fmt: skip
     p.add_argument("--calib", action="append", default=[], metavar="PATH",
                    help="calibration text: .jsonl(.gz) {text,lang}, .txt, or a <lang>.bin/.idx shards dir")  # fmt: skip
     p.add_argument("--mix", help="language mix for calibration, e.g. ko=0.5,en=0.2,ja=0.2,code=0.1")

@@ -32,6 +32,9 @@ FTYPES = {
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
     "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1, "q5_0": gguf.LlamaFileType.MOSTLY_Q5_0,
 }  # fmt: skip
+# K-quants have no numpy quantizer in `gguf`: written as F16, then requantized by llama.cpp itself
+# (`llama_model_quantize`, needs llama-cpp-python: `make llama-cpp`), which keeps ffn_gate_inp and norms F32.
+KQUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
 EXPERT = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 KEEP_F32 = ("ffn_gate_inp", "exp_probs_b", "_norm")
 ZEROS = "<zeros>"
@@ -156,8 +159,10 @@ def _nbytes(shape: list[int], t: gguf.GGMLQuantizationType) -> tuple[list[int], 
 
 def export_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "q8_0") -> dict:
     """Write `out_file`, streaming one (merged) tensor at a time; returns tensor types and tokenizer kind."""
+    if qtype in KQUANTS:
+        return _export_kquant(Path(hf_dir), Path(out_file), qtype)
     if qtype not in TYPES:
-        raise ValueError(f"--gguf-type {qtype!r} is not one of {sorted(TYPES)}")
+        raise ValueError(f"--gguf-type {qtype!r} is not one of {sorted([*TYPES, *KQUANTS])}")
     d = Path(hf_dir)
     cfg = read_config(d)
     if cfg.get("n_group", 1) != 1 or cfg.get("topk_group", 1) != 1:
@@ -194,3 +199,25 @@ def export_gguf(hf_dir: str | Path, out_file: str | Path, qtype: str = "q8_0") -
         w.write_tensor_data(_encode(src.get(names, shape), t))
     w.close()
     return {"gguf_type": qtype, "file": out.name, "tensor_types": types, "tokenizer": kind, "arch": "glm4moe"}
+
+
+def _export_kquant(hf_dir: Path, out: Path, qtype: str) -> dict:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ValueError(f"--gguf-type {qtype} needs llama-cpp-python (run `make llama-cpp`)") from None
+    tmp = out.with_name(out.name + ".f16.tmp")
+    try:
+        summary = export_gguf(hf_dir, tmp, "f16")
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = KQUANTS[qtype]
+        params.nthread = 1
+        rc = llama_cpp.llama_model_quantize(str(tmp).encode(), str(out).encode(), params)
+        if rc != 0:
+            raise ValueError(f"llama.cpp could not quantize {tmp} to {qtype} (return code {rc})")
+    finally:
+        tmp.unlink(missing_ok=True)
+    types: dict[str, int] = {}
+    for t in gguf.GGUFReader(str(out)).tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + 1
+    return {**summary, "gguf_type": qtype, "file": out.name, "tensor_types": types, "quantizer": "llama.cpp"}

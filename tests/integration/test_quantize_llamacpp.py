@@ -60,7 +60,7 @@ def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer
         ids, 8
     )  # plain greedy, no EOS stop: the rule the llama.cpp loop below follows
     got = {}
-    for qt in ("f32", "f16", "q8_0", "q4_0"):
+    for qt in ("f32", "f16", "q8_0", "q4_0", "q4_k_m"):  # q4_k_m: requantized by llama.cpp itself
         out = tmp_path / qt
         assert main(["quantize", "--method", "gguf", "--gguf-type", qt, str(t["hf"]), str(out)]) == 0
         llm = lc.Llama(model_path=str(out / f"model-{qt}.gguf"), n_ctx=128, logits_all=True, n_threads=1,
@@ -82,6 +82,7 @@ def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer
     assert got["f32"][0] < 1e-3, got  # same model, same math: llama.cpp's GLM4_MOE == transformers' Glm4Moe
     assert got["f16"][1] == ref, got
     assert got["q8_0"][1][:2] == ref[:2] and got["q4_0"][1][:1] == ref[:1], got
+    assert got["q4_k_m"][1][:1] == ref[:1], got
     sys.stdout.write(f"llama.cpp vs transformers: {got} ref {ref}\n")
 
 
