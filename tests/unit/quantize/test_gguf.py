@@ -103,3 +103,12 @@ def test_sentencepiece_tokenizer_is_embedded_as_spm(tmp_path):
     add_bos = json.loads((tok / "tokenizer_config.json").read_text())["add_bos_token"]
     assert bool(_field(r, "tokenizer.ggml.add_bos_token")) == add_bos
     assert "tokenizer.ggml.add_space_prefix" in r.fields
+
+
+def test_kquant_without_llamacpp_says_how_to_get_it(tiny_hf, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as on a machine without the optional build
+    with pytest.raises(ValueError, match="make llama-cpp"):
+        export_gguf(tiny_hf, tmp_path / "k.gguf", "q4_k_m")
+    assert not list(tmp_path.iterdir())
