@@ -59,6 +59,7 @@ def model_card(method: str, qjson: dict, files: list[str]) -> str:
         "## Quantization",
         "",
         *[f"- {k}: `{v}`" for k, v in params.items() if not isinstance(v, dict | list)],
+        *_kept(method, params),
         "",
         *_expert_table(params),
         "## Provenance",
@@ -73,6 +74,21 @@ def model_card(method: str, qjson: dict, files: list[str]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _kept(method: str, params: dict) -> list[str]:
+    if method == "gptq":
+        head = "lm_head, " if "lm_head" in params.get("ignored", []) else ""
+        return [
+            f"- kept in 16/32 bits: router (`mlp.gate`) and its correction bias, norms, token embedding, {head}"
+            "zero-width layers; every expert and every other Linear is quantized"
+        ]
+    if method in ("nf4", "int8"):
+        return [
+            "- kept in fp32: router (`mlp.gate`) and its correction bias, norms; everything else, every "
+            "expert included, is quantized"
+        ]
+    return ["- kept in F32: router (`ffn_gate_inp`), `exp_probs_b`, norms"]
 
 
 def _expert_table(params: dict) -> list[str]:
