@@ -15,7 +15,7 @@ export WANDB_MODE ?= offline
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean demo-model demo-data demo-tokenizer demo-train demo-audit
+.PHONY: install check test test-full demo clean llama-cpp demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,7 +41,7 @@ test-full: check
 	$(PY) -m pytest tests
 
 # Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model demo-data demo-tokenizer demo-train demo-audit
+demo: install demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize
 	@echo "demo finished: outputs under $(DEMO)/"
 
 demo-model: install
@@ -60,6 +60,34 @@ demo-audit: install
 	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000003 $(DEMO)/runs/audit-demo/checkpoints/step-00000006
 	$(KMOE) model smoke --config configs/model/tiny.yaml --seed 4321 --out $(DEMO)/tiny-seed4321
 	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000006 $(DEMO)/tiny-seed4321
+
+# llama-cpp-python is source-only on PyPI: build it once (5-11 min on 2 cores), cache the wheel in the repo,
+# reuse it. Optional: only GGUF evaluation/tests in llama.cpp need it (test-full builds it on first use).
+LLAMA_CPP := llama_cpp_python-0.3.36
+llama-cpp: install
+	@ls .cache/wheels/$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || { mkdir -p .cache/wheels && \
+	  CMAKE_BUILD_PARALLEL_LEVEL=2 CMAKE_ARGS="-DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+	  $(PY) -m pip wheel -q --no-deps llama-cpp-python==0.3.36 -w .cache/wheels $(QUIET); }
+	$(PY) -m pip install -q .cache/wheels/$(LLAMA_CPP)-*.whl -c constraints.txt $(QUIET)
+	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
+
+# Quantize the trained demo model (bf16 export) into every format, check each signature, and print size,
+# perplexity per language and speed per artifact. Calibration and eval read disjoint tails of each language shard.
+QSRC := $(DEMO)/hf-tiny-bf16
+QTOK := $(DEMO)/data/tokenizer
+QDATA := $(DEMO)/data/shards
+QOUT := $(DEMO)/quant
+demo-quantize: install
+	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(QSRC) --dtype bfloat16 --tokenizer $(QTOK)
+	rm -rf $(QOUT) && mkdir -p $(QOUT)
+	OMP_NUM_THREADS=1 $(KMOE) quantize --method gptq --group-size 128 --calib $(QDATA) --num-samples 32 \
+	  --seq-len 128 --mix ko=0.4,en=0.2,ja=0.2,code=0.2 --quantize-lm-head --tokenizer $(QTOK) $(QSRC) $(QOUT)/gptq
+	$(KMOE) quantize --method nf4 --tokenizer $(QTOK) $(QSRC) $(QOUT)/nf4
+	$(KMOE) quantize --method int8 --tokenizer $(QTOK) $(QSRC) $(QOUT)/int8
+	for t in f16 q8_0 q4_0; do $(KMOE) quantize --method gguf --gguf-type $$t --tokenizer $(QTOK) $(QSRC) $(QOUT)/gguf-$$t || exit 1; done
+	for d in $(QOUT)/*/; do $(KMOE) quantize verify $$d || exit 1; done
+	OMP_WAIT_POLICY=PASSIVE $(KMOE) quantize eval $(QSRC) $(QOUT)/*/ --tokenizer $(QTOK) --eval-data $(QDATA) \
+	  --seq-len 128 --json $(QOUT)/eval.json
 
 # Until `kmoe data build` feeds it, the tokenizer trains on a small real dev corpus fetched into .cache/tok-dev
 # (DDTP ko/ja/en + Python stdlib); the report measures held-out text of each language against two baselines.

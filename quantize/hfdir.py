@@ -1,0 +1,98 @@
+"""The quantizers' input: an exported HF Glm4Moe directory (a kmoe checkpoint is exported first)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+log = logging.getLogger(__name__)
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+)  # fmt: skip
+
+
+def is_kmoe_checkpoint(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "model.safetensors").is_file()
+
+
+def resolve_source(source: str | Path, work_dir: Path, tokenizer: str | Path | None = None) -> Path:
+    """An HF dir for SOURCE: itself when it is one, else `kmoe export hf` of the checkpoint into work_dir."""
+    src = Path(source)
+    if not src.is_dir():
+        raise ValueError(f"SOURCE {src}: no such directory (want a kmoe checkpoint or an HF export)")
+    if (src / "config.json").is_file():
+        if not tokenizer:
+            return src
+        # Never write into the user's source: link its files into a work dir and add the tokenizer there.
+        view = work_dir / "source-hf"
+        view.mkdir(parents=True)
+        for f in src.iterdir():
+            if f.is_file() and f.name not in SIDE_FILES[2:]:
+                (view / f.name).symlink_to(f.resolve())
+        _copy_tokenizer(Path(tokenizer), view)
+        return view
+    if not is_kmoe_checkpoint(src):
+        raise ValueError(f"SOURCE {src}: neither an HF dir (config.json) nor a kmoe checkpoint (config.yaml)")
+    from model.export_hf import export_hf
+
+    out = work_dir / "source-hf"
+    export_hf(src, out, dtype="float32", tokenizer_dir=tokenizer)
+    return out
+
+
+def _copy_tokenizer(tok: Path, dst: Path) -> None:
+    if not (tok / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer {tok}: no tokenizer.json")
+    for name in (*SIDE_FILES[2:], "kmoe_tokenizer.json"):
+        if (tok / name).is_file():
+            shutil.copy2(tok / name, dst / name)
+
+
+def require_tokenizer(hf_dir: Path) -> None:
+    if not (hf_dir / "tokenizer.json").is_file() and not (hf_dir / "tokenizer.model").is_file():
+        raise ValueError(
+            f"{hf_dir}: no tokenizer.json; quantized artifacts need our tokenizer beside the weights. "
+            "Pass --tokenizer DIR (the tokenizer stage's output)"
+        )
+
+
+def shard_files(hf_dir: str | Path) -> list[str]:
+    d = Path(hf_dir)
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    if (d / "model.safetensors").is_file():
+        return ["model.safetensors"]
+    raise ValueError(f"{d}: no model.safetensors or model.safetensors.index.json")
+
+
+def read_state(hf_dir: str | Path) -> dict[str, torch.Tensor]:
+    d = Path(hf_dir)
+    state: dict[str, torch.Tensor] = {}
+    for f in shard_files(d):
+        state.update(load_file(str(d / f)))
+    return state
+
+
+def read_config(hf_dir: str | Path) -> dict:
+    cfg = json.loads((Path(hf_dir) / "config.json").read_text())
+    if cfg.get("model_type") != "glm4_moe":
+        raise ValueError(f"{hf_dir}/config.json: model_type {cfg.get('model_type')!r}, expected 'glm4_moe'")
+    return cfg
+
+
+def copy_side_files(hf_dir: str | Path, out: Path) -> None:
+    for name in SIDE_FILES:
+        if (Path(hf_dir) / name).is_file():
+            shutil.copy2(Path(hf_dir) / name, out / name)
+
+
+def bytes_on_disk(path: str | Path) -> int:
+    p = Path(path)
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
