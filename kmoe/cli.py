@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:  # megatron-core logs every index it opens at INFO
+        logging.getLogger("megatron").setLevel(logging.WARNING)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
