@@ -33,6 +33,7 @@ from .schedule import lr_at
 from .signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
 
 log = logging.getLogger(__name__)
+TRAINER = "kmoe-train"  # the genesis record's `trainer`: `kmoe audit replay` picks its engine by it
 
 
 @dataclass
@@ -71,11 +72,7 @@ class Trainer:
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         barrier(self.info)
-        self.data = TrainData(cfg)
-        self.engine: Engine = build_engine(cfg, self.info)
-        self.engine.build(cfg.train.seed)
-        flops = model_size(cfg.model, cfg.data.seq_len).flops_train_per_token
-        self.metrics = MetricsLogger(self.run_dir, cfg, self.info.is_main, flops, self.info.world)
+        self.build()
         path = self._resume_path(resume)
         if path is not None:
             self._restore(path, "resume")
@@ -83,10 +80,21 @@ class Trainer:
         data = self.data.describe()
         self.ledger.genesis(config=config_dict(cfg), seed=cfg.train.seed, init_state=self.engine.param_digests(),
                             data_manifest_root=data["root_hash"], tokenizer_hash=data["tokenizer"],
-                            world_size=self.info.world)  # fmt: skip
+                            world_size=self.info.world, trainer=TRAINER)  # fmt: skip
         self.metrics.event(
             "start", config_hash=config_hash(cfg), layout=layout(cfg, self.info.world), data=data
         )
+
+    def build(self, write_metrics: bool = True) -> None:
+        """Data, engine (model initialised from the seed, optimizer) and the metrics logger; writes no file
+        when `write_metrics` is False (replay)."""
+        cfg = self.cfg
+        self.data = TrainData(cfg)
+        self.engine: Engine = build_engine(cfg, self.info)
+        self.engine.build(cfg.train.seed)
+        flops = model_size(cfg.model, cfg.data.seq_len).flops_train_per_token
+        on = self.info.is_main and write_metrics
+        self.metrics = MetricsLogger(self.run_dir, cfg, on, flops, self.info.world)
 
     def _resume_path(self, resume: str | None) -> Path | None:
         if not resume or resume == "none":
@@ -103,13 +111,20 @@ class Trainer:
         p, root = Path(path).resolve(), self.run_dir.resolve()
         return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
 
-    def _restore(self, path: Path, why: str, **fields: Any) -> None:
+    def load_checkpoint_state(self, path: Path) -> dict[str, Any]:
+        """Model, optimizer (router bias included), data position, spike window and RNG from a verified
+        checkpoint; records nothing. Resume, rollback and `kmoe audit replay` all load through here."""
         loaded = ckpt.load(path)  # verifies every tensor and file before anything is used
         self.engine.load_state_dict({"model": loaded["model"], "optimizer": loaded["optimizer"]})
         ts = loaded["trainer_state"]
         self.state = TrainerState(**ts["trainer"])
         host = ts["host_rng"].get(f"rank{self.info.rank}", ts["host_rng"]["rank0"])
         ckpt.restore_rng(ckpt.rank_rng(loaded["rng"], self.info.rank), host)
+        return loaded
+
+    def _restore(self, path: Path, why: str, **fields: Any) -> None:
+        loaded = self.load_checkpoint_state(path)
+        ts = loaded["trainer_state"]
         if ts.get("config_hash") != config_hash(self.cfg):
             log.warning("%s: the run config differs from the checkpoint's (config hash changed)", path)
         log.info("%s from %s (step %d)", why, path, self.state.step)
@@ -167,10 +182,16 @@ class Trainer:
 
     def _one_step(self) -> None:
         t0 = time.perf_counter()
-        batch = self._next_batch()
+        if self.apply_batch(self._next_batch(), t0) is not None:  # None: rolled back to a checkpoint
+            self._after_step()
+
+    def apply_batch(self, batch: GlobalBatch, t0: float | None = None) -> StepOutcome | None:
+        """Train on `batch` as the next step and record it (metrics, ledger); None when it was rolled back.
+        The one step function: training calls it on the next batch, `kmoe audit replay` on a recorded one."""
+        t0 = time.perf_counter() if t0 is None else t0
         out = self._train_step(batch)
         if out is None:  # rolled back: the state is the checkpoint's now
-            return
+            return None
         self.state.step += 1
         step, skipped = self.state.step, out.skip_reason is not None
         if not skipped:
@@ -189,7 +210,7 @@ class Trainer:
                              expert_load=out.load_LE, aux_loss=out.aux_loss, **identity)  # fmt: skip
         for alarm in alarms:
             self.ledger.event("expert_dead", step=step, **alarm)
-        self._after_step()
+        return out
 
     def _after_step(self) -> None:
         t, s = self.cfg.train, self.state.step
