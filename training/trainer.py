@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from kmoe.hashing import named_merkle_root
 from model.params import model_size
 
 from . import checkpoint as ckpt
@@ -69,6 +70,8 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.info.is_main:
             ckpt.remove_partial(self.ckpt_root)
+            if resume == "auto":
+                self._set_aside_unrecorded()
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         barrier(self.info)
@@ -78,6 +81,13 @@ class Trainer:
             self._restore(path, "resume")
             return
         data = self.data.describe()
+        if self.ledger.has_genesis():  # restarted before any checkpoint: the ledger goes on, from init again
+            digests = self.engine.param_digests()
+            self.ledger.event(
+                "restart", step=0, model_root=named_merkle_root(digests), reason="no checkpoint"
+            )
+            self.metrics.event("restart", step=0, data=data)
+            return
         self.ledger.genesis(config=config_dict(cfg), seed=cfg.train.seed, init_state=self.engine.param_digests(),
                             data_manifest_root=data["root_hash"], tokenizer_hash=data["tokenizer"],
                             world_size=self.info.world, trainer=TRAINER)  # fmt: skip
@@ -95,6 +105,23 @@ class Trainer:
         flops = model_size(cfg.model, cfg.data.seq_len).flops_train_per_token
         on = self.info.is_main and write_metrics
         self.metrics = MetricsLogger(self.run_dir, cfg, on, flops, self.info.world)
+
+    def _set_aside_unrecorded(self) -> None:
+        """A complete checkpoint the ledger never recorded (the process died between writing and recording
+        it) is renamed `.unrecorded-step-*`, recorded as such, and not resumed from: the ledger vouches for
+        every state a run continues from."""
+        recorded = self.ledger.recorded_checkpoints()
+        if recorded is None:
+            return
+        for step, path in ckpt.complete_checkpoints(self.ckpt_root):
+            if self._rel(path) in recorded:
+                continue
+            aside = path.with_name(f".unrecorded-{path.name}-{int(time.time())}")
+            path.rename(aside)
+            log.warning("%s was written but never recorded in the ledger; set aside as %s", path, aside)
+            root = json.loads((aside / "digests.json").read_text()).get("merkle_root")
+            self.ledger.event("checkpoint_unrecorded", step=step, path=self._rel(path), moved_to=self._rel(aside),
+                              model_root=root)  # fmt: skip
 
     def _resume_path(self, resume: str | None) -> Path | None:
         if not resume or resume == "none":
