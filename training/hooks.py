@@ -10,7 +10,8 @@ records nothing. Only rank 0 calls a ledger. What the trainer sends:
   close         at the end ("completed") or after a stop signal ("requeue")
 And two questions on a restart: `has_genesis` (a restart without a checkpoint records a `restart` event, not
 a second genesis) and `recorded_checkpoints` (a checkpoint written but never recorded, because the process
-died in between, is set aside rather than resumed from; None: nothing to reconcile with).
+died in between, is set aside rather than resumed from; None: nothing to reconcile with). `identity` (head hash,
+key id, records) goes to the wandb summary after every checkpoint and at the end, tying the two records.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class LedgerHook(Protocol):
     def close(self, status: str = "completed") -> None: ...
     def has_genesis(self) -> bool: ...
     def recorded_checkpoints(self) -> set[str] | None: ...
+    def identity(self) -> dict[str, Any]: ...
 
 
 class NullLedger:
@@ -59,3 +61,6 @@ class NullLedger:
 
     def recorded_checkpoints(self) -> set[str] | None:
         return None
+
+    def identity(self) -> dict[str, Any]:
+        return {}

@@ -321,6 +321,12 @@ class Ledger:
             "weights_load", path=self.relpath(Path(path)), model_root=model_root, purpose=purpose
         )
 
+    def identity(self) -> dict[str, Any]:
+        """What ties other records (wandb summary, model card) to this ledger: the hash of its last record
+        (`kmoe audit verify` prints it as `head`), the signing key's id and public key, the record count."""
+        return {"ledger_head": self.head, "ledger_key_id": self.key_id, "ledger_public_key": self.public_key,
+                "ledger_records": self.seq}  # fmt: skip
+
     def has_genesis(self) -> bool:
         return self.seq > 0
 

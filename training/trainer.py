@@ -179,6 +179,7 @@ class Trainer:
             if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
                 self._checkpoint(reason="final")
             self.ledger.close("completed")
+            self.metrics.summary(self.ledger.identity())
             return 0
         finally:
             self.stop.uninstall()
@@ -194,6 +195,7 @@ class Trainer:
         self.ledger.event("signal", step=self.state.step, signal=name, action="checkpoint and requeue")
         self._checkpoint(reason="signal")
         self.ledger.close("requeue")
+        self.metrics.summary(self.ledger.identity())
         if self.info.is_main:  # torchrun turns a worker's exit 75 into its own 1: launchers read this file
             marker = {"step": self.state.step, "signal": name, "exit_code": REQUEUE_EXIT_CODE}
             (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
@@ -333,6 +335,7 @@ class Trainer:
             self.metrics.event("checkpoint", step=self.state.step, path=str(rec["path"]), reason=reason,
                                roots=rec["roots"])  # fmt: skip
             self.ledger.checkpoint(self.state.step, rec["path"], tokens=self.state.tokens, roots=rec["roots"])
+            self.metrics.summary(self.ledger.identity())  # the signed head: survives a later crash
             for gone in ckpt.prune(
                 self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every
             ):
