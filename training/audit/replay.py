@@ -49,7 +49,11 @@ class ReplayEngine(Protocol):
 
 ENGINES: dict[str, Callable[..., ReplayEngine]] = {}
 # trainer name (genesis `trainer`) -> module that calls register_engine on import
-ENGINE_MODULES = {"kmoe-train": "training.audit.trainer_replay", "kmoe-minirun": "training.audit.minirun"}
+ENGINE_MODULES = {
+    "kmoe-train": "training.audit.trainer_replay",
+    "kmoe": "training.audit.trainer_replay",  # the Ledger's default name: what `kmoe train` wrote before naming itself
+    "kmoe-minirun": "training.audit.minirun",
+}
 
 
 def register_engine(trainer: str, factory: Callable[..., ReplayEngine]) -> None:

@@ -91,3 +91,4 @@ class TrainerReplay:
 
 
 register_engine(TRAINER, TrainerReplay)
+register_engine("kmoe", TrainerReplay)  # runs of `kmoe train` from before it named itself in genesis
