@@ -97,10 +97,12 @@ def _trajectory(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_step[s] for s in sorted(by_step)]
 
 
-def resolve_span(run_dir: Path, from_step: int, steps: int | None) -> tuple[int, int]:
+def resolve_span(
+    run_dir: Path, from_step: int, steps: int | None, recs: list[dict[str, Any]] | None = None
+) -> tuple[int, int]:
     """A negative `from_step` counts back over the checkpoints still on disk (-2: the second-to-last);
     `steps` None means up to the next recorded checkpoint still on disk."""
-    recs = _records(run_dir)
+    recs = _records(run_dir) if recs is None else recs
     on_disk = sorted(
         {r["step"] for r in recs if r.get("kind") == "checkpoint" and (run_dir / str(r.get("path"))).is_dir()}
     )
@@ -116,11 +118,13 @@ def resolve_span(run_dir: Path, from_step: int, steps: int | None) -> tuple[int,
     return from_step, steps
 
 
-def plan(run_dir: Path, from_step: int, steps: int) -> tuple[dict, list[dict], dict]:
+def plan(
+    run_dir: Path, from_step: int, steps: int, recs: list[dict[str, Any]] | None = None
+) -> tuple[dict, list[dict], dict]:
     """The start checkpoint record, the N step records to replay and the target checkpoint record."""
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    recs = _records(run_dir)
+    recs = _records(run_dir) if recs is None else recs
     ckpts = {r["step"]: r for r in recs if r.get("kind") == "checkpoint"}  # the latest record per step wins
     if from_step not in ckpts or from_step + steps not in ckpts:
         raise ValueError(
@@ -147,8 +151,9 @@ def replay(
     shards: str | None = None,
 ) -> ReplayResult:
     run_dir = Path(run_dir)
-    from_step, steps = resolve_span(run_dir, from_step, steps)
-    start, todo, target = plan(run_dir, from_step, steps)
+    recs = _records(run_dir)
+    from_step, steps = resolve_span(run_dir, from_step, steps, recs)
+    start, todo, target = plan(run_dir, from_step, steps, recs)
     trainer = read_genesis(run_dir).get("trainer", "kmoe")
     if trainer not in ENGINES and trainer in ENGINE_MODULES:
         importlib.import_module(ENGINE_MODULES[trainer])
