@@ -50,16 +50,20 @@ demo-model: install
 	$(KMOE) model smoke --config configs/model/tiny.yaml --out $(DEMO)/tiny-init
 	$(KMOE) export hf $(DEMO)/tiny-init $(DEMO)/tiny-init-hf --dtype float32 --verify
 
-# Until the trainer writes runs, the audit stage audits a run of the reference loop (training/audit/minirun.py).
+# Audit (issue 6) of the demo training run, as an outside auditor would: ledger chain, signatures and checkpoint
+# files; the initial weights rebuilt from the recorded seed; the last checkpoint interval re-executed from the
+# shards bit for bit (--from-step -2: the second-to-last checkpoint on disk, up to the next); the HTML report; the
+# final weights against an independently seeded model (independent) and against the run's step 100 (derived).
+AUDIT_RUN := $(DEMO)/runs/tiny
 demo-audit: install
-	rm -rf $(DEMO)/runs/audit-demo $(DEMO)/runs/.keys/audit-demo.ed25519*
-	$(PY) -c "from training.audit.minirun import mini_run; mini_run('$(DEMO)/runs/audit-demo', steps=6, ckpt_every=3)"
-	$(KMOE) audit verify $(DEMO)/runs/audit-demo
-	$(KMOE) audit init-check $(DEMO)/runs/audit-demo
-	$(KMOE) audit report $(DEMO)/runs/audit-demo --out $(DEMO)/audit-report.html
-	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000003 $(DEMO)/runs/audit-demo/checkpoints/step-00000006
+	@test -f $(AUDIT_RUN)/ledger.jsonl || { echo "demo-audit: $(AUDIT_RUN)/ledger.jsonl missing (make demo-train)"; exit 1; }
+	$(KMOE) audit verify $(AUDIT_RUN)
+	$(KMOE) audit init-check $(AUDIT_RUN)
+	$(KMOE) audit replay $(AUDIT_RUN) --from-step -2
+	$(KMOE) audit report $(AUDIT_RUN) --out $(DEMO)/audit-report.html
 	$(KMOE) model smoke --config configs/model/tiny.yaml --seed 4321 --out $(DEMO)/tiny-seed4321
-	$(KMOE) audit compare $(DEMO)/runs/audit-demo/checkpoints/step-00000006 $(DEMO)/tiny-seed4321
+	$(KMOE) audit compare $(AUDIT_RUN)/checkpoints/step-00000200 $(DEMO)/tiny-seed4321
+	$(KMOE) audit compare $(AUDIT_RUN)/checkpoints/step-00000200 $(AUDIT_RUN)/checkpoints/step-00000100
 
 # llama-cpp-python is source-only on PyPI: build it once (5-11 min on 2 cores), cache the wheel in the repo,
 # reuse it. Optional: only GGUF evaluation/tests in llama.cpp need it (test-full builds it on first use).

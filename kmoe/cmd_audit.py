@@ -36,11 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
         "replay", help="re-execute recorded steps from a checkpoint, compare with the next one"
     )
     p.add_argument("run_dir")
-    p.add_argument("--from-step", type=int, required=True, help="a step with a recorded checkpoint")
     p.add_argument(
-        "--steps", type=int, required=True, help="steps to replay; a checkpoint must exist at the end"
+        "--from-step",
+        type=int,
+        required=True,
+        help="a step with a recorded checkpoint; negative counts back over the checkpoints on disk "
+        "(-2: the second-to-last)",
+    )
+    p.add_argument(
+        "--steps",
+        type=int,
+        help="steps to replay; a checkpoint must exist at the end (default: up to the next checkpoint on disk)",
     )
     p.add_argument("--tolerance", type=float, default=1e-3, help="relative weight distance when not bitwise")
+    p.add_argument("--shards", help="the run's data directory when it is not where the run config says")
     p.set_defaults(func=cmd_replay)
 
     p = asub.add_parser("compare", help="weight-lineage statistics between two models (kmoe or HF dirs)")
@@ -106,7 +115,7 @@ def cmd_init_check(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from training.audit.replay import replay
 
-    r = replay(args.run_dir, args.from_step, args.steps, tolerance=args.tolerance)
+    r = replay(args.run_dir, args.from_step, args.steps, tolerance=args.tolerance, shards=args.shards)
     emit(
         f"replay {args.run_dir}: steps {r.from_step + 1}..{r.to_step} from its checkpoint, compared with {r.target}"
     )

@@ -191,7 +191,13 @@ class TrainData:
                 f"data: batch {index} is past the {self.num_batches} batches indexed for train.steps "
                 f"{self.cfg.train.steps} (too many batches skipped?)"
             )
-        idx = list(range(index * g, (index + 1) * g))
+        return self.batch_of(index, list(range(index * g, (index + 1) * g)))
+
+    def batch_of(self, index: int, idx: list[int]) -> GlobalBatch:
+        """Batch number `index` made of train-stream samples `idx` (replay re-reads recorded ones by this)."""
+        bad = [i for i in idx if not 0 <= i < len(self.train)]
+        if bad:
+            raise ValueError(f"data: sample {bad[0]} is outside the {len(self.train)} indexed train samples")
         items = [self.train[i] for i in idx]
         langs = [self.langs[int(it["dataset_id"])] if "dataset_id" in it else self.langs[0] for it in items]
         batch = GlobalBatch(

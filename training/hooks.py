@@ -8,6 +8,10 @@ records nothing. Only rank 0 calls a ledger. What the trainer sends:
   event         skip_step, resume, rollback, signal, checkpoint_deleted, eval, expert_dead
   weights_load  when weights are read from a checkpoint (resume, rollback)
   close         at the end ("completed") or after a stop signal ("requeue")
+And two questions on a restart: `has_genesis` (a restart without a checkpoint records a `restart` event, not
+a second genesis) and `recorded_checkpoints` (a checkpoint written but never recorded, because the process
+died in between, is set aside rather than resumed from; None: nothing to reconcile with). `identity` (head hash,
+key id, records) goes to the wandb summary after every checkpoint and at the end, tying the two records.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ class LedgerHook(Protocol):
     def event(self, kind: str, **fields: Any) -> Any: ...
     def weights_load(self, path: str | Path, model_root: str, purpose: str) -> Any: ...
     def close(self, status: str = "completed") -> None: ...
+    def has_genesis(self) -> bool: ...
+    def recorded_checkpoints(self) -> set[str] | None: ...
+    def identity(self) -> dict[str, Any]: ...
 
 
 class NullLedger:
@@ -48,3 +55,12 @@ class NullLedger:
 
     def close(self, status: str = "completed") -> None:
         pass
+
+    def has_genesis(self) -> bool:
+        return False
+
+    def recorded_checkpoints(self) -> set[str] | None:
+        return None
+
+    def identity(self) -> dict[str, Any]:
+        return {}

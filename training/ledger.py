@@ -144,6 +144,7 @@ class Ledger:
         self.key_id = key_id(self.public_key)
         self.head, self.seq = GENESIS_PREV, 0
         self.resumed = False
+        self.recorded: set[str] = set()  # checkpoint paths the ledger names (as recorded: run-dir relative)
         self._f = None
 
     @classmethod
@@ -162,6 +163,8 @@ class Ledger:
         led._f = open(path, "ab")  # noqa: SIM115 -- held open for the run, closed by close()
         if existing:
             led._record_torn_tail()
+            if led._unsigned_checkpoint:  # died between a checkpoint record and its signature: sign it now
+                led._sign(final=False)
         return led
 
     def _reopen(self) -> None:
@@ -179,6 +182,8 @@ class Ledger:
             )
         self.head, self.seq = chain.head, len(chain.records)
         self.resumed = True
+        self.recorded = {str(r.get("path")) for _, r in chain.records if r.get("kind") == "checkpoint"}
+        self._unsigned_checkpoint = bool(chain.records) and chain.records[-1][1].get("kind") == "checkpoint"
         self.last_signed_seq = max(
             (r["seq"] for _, r in chain.records if r.get("kind") == "signature"), default=-1
         )
@@ -291,6 +296,7 @@ class Ledger:
         path = Path(path)
         if not path.is_dir():
             raise LedgerError(f"{path}: checkpoint directory does not exist")
+        self.recorded.add(self.relpath(path))
         rec = self._append(
             "checkpoint",
             step=int(step),
@@ -314,6 +320,19 @@ class Ledger:
         return self.event(
             "weights_load", path=self.relpath(Path(path)), model_root=model_root, purpose=purpose
         )
+
+    def identity(self) -> dict[str, Any]:
+        """What ties other records (wandb summary, model card) to this ledger: the hash of its last record
+        (`kmoe audit verify` prints it as `head`), the signing key's id and public key, the record count."""
+        return {"ledger_head": self.head, "ledger_key_id": self.key_id, "ledger_public_key": self.public_key,
+                "ledger_records": self.seq}  # fmt: skip
+
+    def has_genesis(self) -> bool:
+        return self.seq > 0
+
+    def recorded_checkpoints(self) -> set[str] | None:
+        """Paths of the checkpoints this ledger records (relative to the run dir when inside it)."""
+        return set(self.recorded)
 
     def resume(self, path: str | Path, step: int, model_root: str, kind: str = "resume") -> None:
         """A resume (or `kind="rollback"`) from checkpoint `path` at `step`, and the weight load it implies."""

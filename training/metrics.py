@@ -142,6 +142,14 @@ class MetricsLogger:
             text += f" | SKIPPED ({row['skip_reason']})"
         log.info(text)
 
+    def summary(self, fields: dict[str, Any]) -> None:
+        """Run-level facts (the ledger identity): the wandb run summary and a `summary` line in metrics.jsonl."""
+        if not fields or not self.enabled:
+            return
+        self.event("summary", **fields)
+        if self._wandb is not None:
+            self._wandb.summary.update(fields)
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from kmoe.hashing import named_merkle_root
 from model.params import model_size
 
 from . import checkpoint as ckpt
@@ -33,6 +34,7 @@ from .schedule import lr_at
 from .signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
 
 log = logging.getLogger(__name__)
+TRAINER = "kmoe-train"  # the genesis record's `trainer`: `kmoe audit replay` picks its engine by it
 
 
 @dataclass
@@ -68,25 +70,58 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.info.is_main:
             ckpt.remove_partial(self.ckpt_root)
+            if resume == "auto":
+                self._set_aside_unrecorded()
             (self.run_dir / REQUEUE_MARKER).unlink(missing_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
         barrier(self.info)
-        self.data = TrainData(cfg)
-        self.engine: Engine = build_engine(cfg, self.info)
-        self.engine.build(cfg.train.seed)
-        flops = model_size(cfg.model, cfg.data.seq_len).flops_train_per_token
-        self.metrics = MetricsLogger(self.run_dir, cfg, self.info.is_main, flops, self.info.world)
+        self.build()
         path = self._resume_path(resume)
         if path is not None:
             self._restore(path, "resume")
             return
         data = self.data.describe()
+        if self.ledger.has_genesis():  # restarted before any checkpoint: the ledger goes on, from init again
+            digests = self.engine.param_digests()
+            self.ledger.event(
+                "restart", step=0, model_root=named_merkle_root(digests), reason="no checkpoint"
+            )
+            self.metrics.event("restart", step=0, data=data)
+            return
         self.ledger.genesis(config=config_dict(cfg), seed=cfg.train.seed, init_state=self.engine.param_digests(),
                             data_manifest_root=data["root_hash"], tokenizer_hash=data["tokenizer"],
-                            world_size=self.info.world)  # fmt: skip
+                            world_size=self.info.world, trainer=TRAINER)  # fmt: skip
         self.metrics.event(
             "start", config_hash=config_hash(cfg), layout=layout(cfg, self.info.world), data=data
         )
+
+    def build(self, write_metrics: bool = True) -> None:
+        """Data, engine (model initialised from the seed, optimizer) and the metrics logger; writes no file
+        when `write_metrics` is False (replay)."""
+        cfg = self.cfg
+        self.data = TrainData(cfg)
+        self.engine: Engine = build_engine(cfg, self.info)
+        self.engine.build(cfg.train.seed)
+        flops = model_size(cfg.model, cfg.data.seq_len).flops_train_per_token
+        on = self.info.is_main and write_metrics
+        self.metrics = MetricsLogger(self.run_dir, cfg, on, flops, self.info.world)
+
+    def _set_aside_unrecorded(self) -> None:
+        """A complete checkpoint the ledger never recorded (the process died between writing and recording
+        it) is renamed `.unrecorded-step-*`, recorded as such, and not resumed from: the ledger vouches for
+        every state a run continues from."""
+        recorded = self.ledger.recorded_checkpoints()
+        if recorded is None:
+            return
+        for step, path in ckpt.complete_checkpoints(self.ckpt_root):
+            if self._rel(path) in recorded:
+                continue
+            aside = path.with_name(f".unrecorded-{path.name}-{int(time.time())}")
+            path.rename(aside)
+            log.warning("%s was written but never recorded in the ledger; set aside as %s", path, aside)
+            root = json.loads((aside / "digests.json").read_text()).get("merkle_root")
+            self.ledger.event("checkpoint_unrecorded", step=step, path=self._rel(path), moved_to=self._rel(aside),
+                              model_root=root)  # fmt: skip
 
     def _resume_path(self, resume: str | None) -> Path | None:
         if not resume or resume == "none":
@@ -103,13 +138,20 @@ class Trainer:
         p, root = Path(path).resolve(), self.run_dir.resolve()
         return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
 
-    def _restore(self, path: Path, why: str, **fields: Any) -> None:
+    def load_checkpoint_state(self, path: Path) -> dict[str, Any]:
+        """Model, optimizer (router bias included), data position, spike window and RNG from a verified
+        checkpoint; records nothing. Resume, rollback and `kmoe audit replay` all load through here."""
         loaded = ckpt.load(path)  # verifies every tensor and file before anything is used
         self.engine.load_state_dict({"model": loaded["model"], "optimizer": loaded["optimizer"]})
         ts = loaded["trainer_state"]
         self.state = TrainerState(**ts["trainer"])
         host = ts["host_rng"].get(f"rank{self.info.rank}", ts["host_rng"]["rank0"])
         ckpt.restore_rng(ckpt.rank_rng(loaded["rng"], self.info.rank), host)
+        return loaded
+
+    def _restore(self, path: Path, why: str, **fields: Any) -> None:
+        loaded = self.load_checkpoint_state(path)
+        ts = loaded["trainer_state"]
         if ts.get("config_hash") != config_hash(self.cfg):
             log.warning("%s: the run config differs from the checkpoint's (config hash changed)", path)
         log.info("%s from %s (step %d)", why, path, self.state.step)
@@ -137,6 +179,7 @@ class Trainer:
             if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
                 self._checkpoint(reason="final")
             self.ledger.close("completed")
+            self.metrics.summary(self.ledger.identity())
             return 0
         finally:
             self.stop.uninstall()
@@ -152,6 +195,7 @@ class Trainer:
         self.ledger.event("signal", step=self.state.step, signal=name, action="checkpoint and requeue")
         self._checkpoint(reason="signal")
         self.ledger.close("requeue")
+        self.metrics.summary(self.ledger.identity())
         if self.info.is_main:  # torchrun turns a worker's exit 75 into its own 1: launchers read this file
             marker = {"step": self.state.step, "signal": name, "exit_code": REQUEUE_EXIT_CODE}
             (self.run_dir / REQUEUE_MARKER).write_text(json.dumps(marker) + "\n")
@@ -167,10 +211,16 @@ class Trainer:
 
     def _one_step(self) -> None:
         t0 = time.perf_counter()
-        batch = self._next_batch()
+        if self.apply_batch(self._next_batch(), t0) is not None:  # None: rolled back to a checkpoint
+            self._after_step()
+
+    def apply_batch(self, batch: GlobalBatch, t0: float | None = None) -> StepOutcome | None:
+        """Train on `batch` as the next step and record it (metrics, ledger); None when it was rolled back.
+        The one step function: training calls it on the next batch, `kmoe audit replay` on a recorded one."""
+        t0 = time.perf_counter() if t0 is None else t0
         out = self._train_step(batch)
         if out is None:  # rolled back: the state is the checkpoint's now
-            return
+            return None
         self.state.step += 1
         step, skipped = self.state.step, out.skip_reason is not None
         if not skipped:
@@ -189,7 +239,7 @@ class Trainer:
                              expert_load=out.load_LE, aux_loss=out.aux_loss, **identity)  # fmt: skip
         for alarm in alarms:
             self.ledger.event("expert_dead", step=step, **alarm)
-        self._after_step()
+        return out
 
     def _after_step(self) -> None:
         t, s = self.cfg.train, self.state.step
@@ -285,6 +335,7 @@ class Trainer:
             self.metrics.event("checkpoint", step=self.state.step, path=str(rec["path"]), reason=reason,
                                roots=rec["roots"])  # fmt: skip
             self.ledger.checkpoint(self.state.step, rec["path"], tokens=self.state.tokens, roots=rec["roots"])
+            self.metrics.summary(self.ledger.identity())  # the signed head: survives a later crash
             for gone in ckpt.prune(
                 self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every
             ):

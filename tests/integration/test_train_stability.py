@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from training.config import load_run_config
+from training.hooks import NullLedger
 from training.parallel import DistInfo
 from training.toy_shards import write_toy_shards
 from training.trainer import Trainer
@@ -24,7 +25,7 @@ def shards(tmp_path_factory) -> Path:
     return write_toy_shards(tmp_path_factory.mktemp("toy"), n_docs=120)
 
 
-class RecordingLedger:
+class RecordingLedger(NullLedger):
     """Records the calls of the ledger hook protocol (training/hooks.py) in order."""
 
     def __init__(self):

@@ -185,8 +185,8 @@ def mini_run(
 class MiniEngine:
     """Replay engine of this loop (`kmoe audit replay` on a run whose genesis names `kmoe-minirun`)."""
 
-    def __init__(self, run_dir: Path):
-        self.run: MiniRun | None = None
+    def __init__(self, run_dir: Path, shards: str | None = None):
+        self.run: MiniRun | None = None  # the synthetic corpus needs no shards
 
     def load(self, checkpoint_dir: Path) -> None:
         self.run = load_checkpoint(checkpoint_dir)

@@ -7,7 +7,8 @@ versions), otherwise as the distance to that checkpoint relative to the size of 
 must stay below `tolerance`. Reports the first step that diverges.
 
 The training program supplies a `ReplayEngine`, registered under the `trainer` name its genesis record carries
-(`register_engine`); the reference loop (training/audit/minirun.py) registers `kmoe-minirun`.
+(`register_engine`): `kmoe train` records `kmoe-train` (training/audit/trainer_replay.py), the reference loop
+(training/audit/minirun.py) `kmoe-minirun`. A skipped step (a `skip_step` event) is replayed like any other.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch
 
 from kmoe.hashing import named_merkle_root, state_digests, tensor_digest
 from training.audit.init_check import read_genesis
-from training.audit.report import effective_steps
 from training.ledger_chain import LEDGER_FILE, read_lines, walk_chain
 
 log = logging.getLogger(__name__)
@@ -47,12 +47,17 @@ class ReplayEngine(Protocol):
         """The current weights under checkpoint names."""
 
 
-ENGINES: dict[str, Callable[[Path], ReplayEngine]] = {}
+ENGINES: dict[str, Callable[..., ReplayEngine]] = {}
 # trainer name (genesis `trainer`) -> module that calls register_engine on import
-ENGINE_MODULES = {"kmoe-minirun": "training.audit.minirun"}
+ENGINE_MODULES = {
+    "kmoe-train": "training.audit.trainer_replay",
+    "kmoe": "training.audit.trainer_replay",  # the Ledger's default name: what `kmoe train` wrote before naming itself
+    "kmoe-minirun": "training.audit.minirun",
+}
 
 
-def register_engine(trainer: str, factory: Callable[[Path], ReplayEngine]) -> None:
+def register_engine(trainer: str, factory: Callable[..., ReplayEngine]) -> None:
+    """`factory(run_dir, shards=None)` builds the engine; `shards` relocates the run's data when given."""
     ENGINES[trainer] = factory
 
 
@@ -82,18 +87,51 @@ def _records(run_dir: Path) -> list[dict[str, Any]]:
     return [r for _, r in chain.records]
 
 
-def plan(run_dir: Path, from_step: int, steps: int) -> tuple[dict, list[dict], dict]:
+def _trajectory(recs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Step records and skipped steps as they stand: a step redone after a resume or rollback wins."""
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in recs:
+        counted = r.get("kind") == "step" or (r.get("kind") == "event" and r.get("event") == "skip_step")
+        if counted and isinstance(r.get("step"), int):
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def resolve_span(
+    run_dir: Path, from_step: int, steps: int | None, recs: list[dict[str, Any]] | None = None
+) -> tuple[int, int]:
+    """A negative `from_step` counts back over the checkpoints still on disk (-2: the second-to-last);
+    `steps` None means up to the next recorded checkpoint still on disk."""
+    recs = _records(run_dir) if recs is None else recs
+    on_disk = sorted(
+        {r["step"] for r in recs if r.get("kind") == "checkpoint" and (run_dir / str(r.get("path"))).is_dir()}
+    )
+    if from_step < 0:
+        if len(on_disk) < -from_step:
+            raise ValueError(f"{run_dir}: --from-step {from_step} but checkpoints on disk are {on_disk}")
+        from_step = on_disk[from_step]
+    if steps is None:
+        later = [s for s in on_disk if s > from_step]
+        if not later:
+            raise ValueError(f"{run_dir}: no checkpoint on disk after step {from_step} (on disk: {on_disk})")
+        steps = later[0] - from_step
+    return from_step, steps
+
+
+def plan(
+    run_dir: Path, from_step: int, steps: int, recs: list[dict[str, Any]] | None = None
+) -> tuple[dict, list[dict], dict]:
     """The start checkpoint record, the N step records to replay and the target checkpoint record."""
     if steps < 1:
         raise ValueError(f"--steps must be >= 1, got {steps}")
-    recs = _records(run_dir)
+    recs = _records(run_dir) if recs is None else recs
     ckpts = {r["step"]: r for r in recs if r.get("kind") == "checkpoint"}  # the latest record per step wins
     if from_step not in ckpts or from_step + steps not in ckpts:
         raise ValueError(
             f"{run_dir}: replay needs checkpoints at steps {from_step} and {from_step + steps}; "
             f"recorded checkpoints: {sorted(ckpts)}"
         )
-    todo = [r for r in effective_steps(recs) if from_step < r["step"] <= from_step + steps]
+    todo = [r for r in _trajectory(recs) if from_step < r["step"] <= from_step + steps]
     if [r["step"] for r in todo] != list(range(from_step + 1, from_step + steps + 1)):
         raise ValueError(f"{run_dir}: steps {from_step + 1}..{from_step + steps} are not all recorded")
     return ckpts[from_step], todo, ckpts[from_step + steps]
@@ -106,21 +144,27 @@ def _same(recorded: Any, value: float) -> bool:
 
 
 def replay(
-    run_dir: str | Path, from_step: int, steps: int, tolerance: float = DEFAULT_TOLERANCE
+    run_dir: str | Path,
+    from_step: int,
+    steps: int | None,
+    tolerance: float = DEFAULT_TOLERANCE,
+    shards: str | None = None,
 ) -> ReplayResult:
     run_dir = Path(run_dir)
-    start, todo, target = plan(run_dir, from_step, steps)
+    recs = _records(run_dir)
+    from_step, steps = resolve_span(run_dir, from_step, steps, recs)
+    start, todo, target = plan(run_dir, from_step, steps, recs)
     trainer = read_genesis(run_dir).get("trainer", "kmoe")
     if trainer not in ENGINES and trainer in ENGINE_MODULES:
         importlib.import_module(ENGINE_MODULES[trainer])
     if trainer not in ENGINES:
         raise ValueError(f"no replay engine registered for trainer {trainer!r} (known: {sorted(ENGINES)})")
-    engine = ENGINES[trainer](run_dir)
+    engine = ENGINES[trainer](run_dir, **({"shards": shards} if shards else {}))
     engine.load(run_dir / start["path"])
     theta0 = {k: v.clone() for k, v in engine.model_state().items()}
     res = ReplayResult(from_step, from_step + steps, target["path"], tolerance=tolerance)
     for rec in todo:
-        batch = engine.batch(rec["samples"])
+        batch = engine.batch(rec.get("samples") or {"list": rec.get("sample_indices") or []})
         if tensor_digest(batch) != rec.get("batch_hash"):
             res.divergences.append(
                 f"step {rec['step']} (seq {rec['seq']}): re-read batch does not match its hash"

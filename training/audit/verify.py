@@ -98,7 +98,10 @@ def check_signatures(v: Verification, genesis: dict[str, Any]) -> None:
     for i, (line, rec) in enumerate(recs):
         kind = rec.get("kind")
         if kind == "checkpoint":
-            nxt = recs[i + 1][1] if i + 1 < len(recs) else {}
+            # a torn_tail event may sit between: the crash tore the signature, the reopened ledger signs
+            nxt = next(
+                (recs[j][1] for j in range(i + 1, len(recs)) if recs[j][1].get("event") != "torn_tail"), {}
+            )
             if nxt.get("kind") != "signature":
                 v.findings.append(f"{_where(rec, line)}: checkpoint record is not followed by a signature")
         if kind != "signature":
@@ -216,6 +219,10 @@ def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
                     f"{where}: {ev} root/step differ from the checkpoint record seq {ck.get('seq')}"
                 )
             last_step, last_tokens = ck.get("step", 0), ck.get("tokens", 0)
+        elif kind == "event" and ev == "restart":
+            if rec.get("model_root") != (genesis.get("init") or {}).get("merkle_root"):
+                v.findings.append(f"{where}: restart from weights that are not the genesis initial weights")
+            last_step, last_tokens = 0, 0
         elif kind == "event" and ev == "weights_load" and rec.get("model_root") not in known_roots:
             v.findings.append(
                 f"{where}: weights loaded from {rec.get('path')} (root {str(rec.get('model_root'))[:16]}...) "
@@ -223,7 +230,13 @@ def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
             )
         elif kind == "event" and ev == "torn_tail" and rec.get("seq") not in torn_seqs:
             v.findings.append(f"{where}: records a torn line {rec.get('torn_line')} that is not in the file")
-        elif kind == "event" and ev in ("torn_tail", "config_override", "signal"):
+        elif kind == "event" and ev in (
+            "torn_tail",
+            "config_override",
+            "signal",
+            "checkpoint_unrecorded",
+            "restart",
+        ):
             v.notes.append(f"{where}: {json.dumps({k: rec[k] for k in sorted(rec) if k not in ('prev',)})}")
     v.summary.update(last_step=last_step, tokens=last_tokens)
 
