@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import logging
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,7 +241,9 @@ def train_tokenizer(corpus_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> Pa
         "digest": tokenizer_digest(out),
         "config": to_dict(cfg),
         "sample": stats,
-        "corpus_dir": str(corpus_dir),  # where the report retrains its baseline; not part of the digest
+        # Where the report retrains its baseline, relative to the tokenizer dir so that the same build into
+        # another folder writes identical bytes. Not part of the digest.
+        "corpus_dir": os.path.relpath(Path(corpus_dir).resolve(), Path(out_dir).resolve()),
     }
     (out / META).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     log.info("tokenizer %s: vocab %d, digest %s", out, cfg.vocab_size, meta["digest"])

@@ -102,7 +102,10 @@ def build_report(tok_dir: Path, text_specs: list[str], corpus_dir: Path | None =
     tok = load_tokenizer(tok_dir)
     meta = json.loads((Path(tok_dir) / "kmoe_tokenizer.json").read_text(encoding="utf-8"))
     cfg = from_dict(TokenizerConfig, meta["config"])
-    corpus = Path(corpus_dir or meta.get("corpus_dir") or "")
+    recorded = meta.get("corpus_dir")
+    if recorded and not Path(recorded).is_absolute():
+        recorded = str(Path(tok_dir) / recorded)  # recorded relative to the tokenizer dir
+    corpus = Path(corpus_dir or recorded or "")
     if not corpus_dir and not meta.get("corpus_dir"):
         raise ValueError(f"{tok_dir}: no corpus recorded; pass --corpus DIR for the default baseline")
     texts = read_texts(text_specs)

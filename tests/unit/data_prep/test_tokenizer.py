@@ -166,6 +166,9 @@ def test_training_is_deterministic_and_tampering_is_caught(trained, tmp_path):
     corpus = write_corpus(tmp_path / "corpus")
     again = train_tokenizer(corpus, TokenizerConfig(**SMALL), tmp_path / "tok")
     assert load_tokenizer(again).digest == load_tokenizer(trained).digest
+    # trained into another folder, every file is byte-identical (so a data build's root hash is too)
+    for f in sorted(p.name for p in trained.iterdir()):
+        assert (again / f).read_bytes() == (trained / f).read_bytes(), f
     for name, old, new in [
         ("tokenizer_config.json", '"add_bos_token": true', '"add_bos_token": false'),
         ("tokenizer.json", '"<s>"', '"<S>"'),
