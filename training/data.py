@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from data_prep.shards import MegatronTokenizerInfo
 from kmoe.hashing import sha256_file, tensor_digest
 
 from .config import RunConfig
@@ -43,14 +44,6 @@ class GlobalBatch:
         """sha256 of the batch's token ids ([G, S+1] int32: inputs plus the last label; see docs/training.md)."""
         text = torch.cat([self.tokens_GS, self.labels_GS[:, -1:]], dim=1).to(torch.int32)
         return tensor_digest(text)
-
-
-class ShardTokenizer:
-    """The few tokenizer facts GPTDataset needs (it never encodes text here)."""
-
-    def __init__(self, vocab_size: int, eod: int, pad: int, identity: str):
-        self.vocab_size, self.eod, self.pad = vocab_size, eod, pad
-        self.unique_identifiers = {"class": "kmoe.ShardTokenizer", "identity": identity}
 
 
 def shard_prefixes(shards: Path) -> dict[str, str]:
@@ -118,7 +111,9 @@ def blend_weights(cfg: RunConfig, prefixes: dict[str, str]) -> dict[str, float]:
     return weights
 
 
-def _gpt_config(cfg: RunConfig, tokenizer: ShardTokenizer, blend: tuple[list[str], list[float] | None]):
+def _gpt_config(
+    cfg: RunConfig, tokenizer: MegatronTokenizerInfo, blend: tuple[list[str], list[float] | None]
+):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
     return GPTDatasetConfig(
@@ -162,7 +157,7 @@ class TrainData:
         self.weights = blend_weights(cfg, self.prefixes)
         self.langs = list(self.weights)
         eod, pad, tok_id = read_special_ids(cfg)
-        self.tokenizer = ShardTokenizer(cfg.model.vocab_size, eod, pad, tok_id)
+        self.tokenizer = MegatronTokenizerInfo(cfg.model.vocab_size, eod, pad, tok_id)
         self.manifest = manifest_info(shards)
         blend = ([self.prefixes[lang] for lang in self.langs], [self.weights[lang] for lang in self.langs])
         self.train = _build(cfg, self.tokenizer, blend, [samples_needed(cfg), 0, 0])[0]
@@ -180,7 +175,7 @@ class TrainData:
             "seq_len": self.cfg.data.seq_len,
             "split": self.cfg.data.split,
             "seed": self.cfg.train.seed,
-            "tokenizer": self.tokenizer.unique_identifiers["identity"],
+            "tokenizer": self.tokenizer.unique_identifiers["digest"],
             **self.manifest,
         }
 
