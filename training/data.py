@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from data_prep.blend import build_gpt_datasets
 from data_prep.shards import MegatronTokenizerInfo
 from kmoe.hashing import sha256_file, tensor_digest
 
@@ -111,32 +112,8 @@ def blend_weights(cfg: RunConfig, prefixes: dict[str, str]) -> dict[str, float]:
     return weights
 
 
-def _gpt_config(
-    cfg: RunConfig, tokenizer: MegatronTokenizerInfo, blend: tuple[list[str], list[float] | None]
-):
-    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
-
-    return GPTDatasetConfig(
-        random_seed=cfg.train.seed,
-        sequence_length=cfg.data.seq_len,
-        blend=blend,
-        split=cfg.data.split,
-        tokenizer=tokenizer,
-        reset_position_ids=False,
-        reset_attention_mask=False,
-        eod_mask_loss=False,
-        path_to_cache=None,
-        mmap_bin_files=True,
-    )
-
-
 def _build(cfg, tokenizer, blend, sizes: list[int]) -> list:
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset
-
-    return BlendedMegatronDatasetBuilder(
-        GPTDataset, sizes, lambda: True, _gpt_config(cfg, tokenizer, blend)
-    ).build()
+    return build_gpt_datasets(blend, tokenizer, cfg.data.seq_len, sizes, cfg.train.seed, cfg.data.split)
 
 
 def samples_needed(cfg: RunConfig) -> int:
