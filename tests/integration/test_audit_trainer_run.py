@@ -17,15 +17,9 @@ from training.audit.replay import replay
 from training.audit.verify import verify_run
 from training.ledger import Ledger
 from training.ledger_chain import LEDGER_FILE, read_lines
-from training.toy_shards import write_toy_shards
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/train/toy.yaml")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return write_toy_shards(tmp_path_factory.mktemp("toy"), n_docs=120)
 
 
 def records(run: Path) -> list[dict]:

@@ -19,16 +19,10 @@ import torch
 from training.config import load_run_config
 from training.parallel import DistInfo
 from training.signals import REQUEUE_EXIT_CODE
-from training.toy_shards import write_toy_shards
 from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/train/toy.yaml")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return write_toy_shards(tmp_path_factory.mktemp("toy"), n_docs=120)
 
 
 def overrides(shards: Path) -> list[str]:

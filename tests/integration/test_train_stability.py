@@ -7,22 +7,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 from training.config import load_run_config
 from training.hooks import NullLedger
 from training.parallel import DistInfo
-from training.toy_shards import write_toy_shards
 from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/train/toy.yaml")
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    return write_toy_shards(tmp_path_factory.mktemp("toy"), n_docs=120)
 
 
 class RecordingLedger(NullLedger):
