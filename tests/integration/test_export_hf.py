@@ -4,9 +4,10 @@ import json
 
 import pytest
 import torch
+from model_fixtures import random_checkpoint
 
-from model import ModelConfig, MoETransformer, init_weights
-from model.checkpoint import CheckpointError, model_state, save_model_dir
+from model import ModelConfig
+from model.checkpoint import CheckpointError
 from model.export_hf import ExportError, export_hf
 from model.hf_check import compare_logits
 
@@ -24,14 +25,7 @@ def _checkpoint(tmp_path, **kw):
         vocab_size=96, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, max_seq_len=64,
         dense_intermediate_size=96, num_experts=6, num_experts_per_tok=2, expert_intermediate_size=32, **kw,
     )  # fmt: skip
-    model = MoETransformer(cfg)
-    init_weights(model, cfg, seed=11)
-    with torch.no_grad():  # a trained model has a non-zero selection bias; make sure it is exported
-        for moe in model.moe_layers():
-            moe.router.expert_bias.uniform_(-0.05, 0.05)
-    ckpt = tmp_path / "ckpt"
-    save_model_dir(ckpt, model_state(model), {"model": cfg.__dict__})
-    return ckpt, cfg
+    return random_checkpoint(tmp_path / "ckpt", cfg, seed=11), cfg
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

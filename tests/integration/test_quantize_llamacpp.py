@@ -99,22 +99,17 @@ VARIANTS = {
 def test_f32_gguf_matches_transformers_for_every_export_option(tmp_path, variant):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     lc = llama_cpp()
+    from model_fixtures import random_checkpoint
     from transformers import AutoModelForCausalLM
 
-    from model import ModelConfig, MoETransformer, init_weights
-    from model.checkpoint import model_state, save_model_dir
+    from model import ModelConfig
     from model.export_hf import export_hf
     from quantize.devtools import TINY_MODEL, build_tokenizer
     from quantize.gguf_export import export_gguf
 
     tok = build_tokenizer(tmp_path / "tok", 300)
     cfg = ModelConfig(**{**TINY_MODEL, "vocab_size": 320, **VARIANTS[variant]})
-    model = MoETransformer(cfg)
-    init_weights(model, cfg, seed=5)
-    with torch.no_grad():
-        for moe in model.moe_layers():
-            moe.router.expert_bias.uniform_(-0.05, 0.05)
-    save_model_dir(tmp_path / "ck", model_state(model), {"model": cfg.__dict__})
+    random_checkpoint(tmp_path / "ck", cfg, seed=5)
     export_hf(tmp_path / "ck", tmp_path / "hf", dtype="float32", tokenizer_dir=tok)
     export_gguf(tmp_path / "hf", tmp_path / "m.gguf", "f32")
     ids = [5, 17, 33, 80, 120, 7, 9, 250, 3, 64]
