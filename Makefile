@@ -85,7 +85,7 @@ demo-quantize: install
 	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(QSRC) --dtype bfloat16 --tokenizer $(QTOK)
 	rm -rf $(QOUT) && mkdir -p $(QOUT)
 	OMP_NUM_THREADS=1 $(KMOE) quantize --method gptq --group-size 128 --calib $(QDATA) --num-samples 32 \
-	  --seq-len 128 --mix ko=0.4,en=0.2,ja=0.2,code=0.2 --quantize-lm-head --tokenizer $(QTOK) $(QSRC) $(QOUT)/gptq
+	  --seq-len 128 --mix ko=0.4,en=0.2,ja=0.2,code=0.2 --quantize-lm-head --quantize-embedding --tokenizer $(QTOK) $(QSRC) $(QOUT)/gptq
 	$(KMOE) quantize --method nf4 --tokenizer $(QTOK) $(QSRC) $(QOUT)/nf4
 	$(KMOE) quantize --method int8 --tokenizer $(QTOK) $(QSRC) $(QOUT)/int8
 	for t in f16 q8_0 q4_0; do $(KMOE) quantize --method gguf --gguf-type $$t --tokenizer $(QTOK) $(QSRC) $(QOUT)/gguf-$$t || exit 1; done

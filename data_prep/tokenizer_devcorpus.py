@@ -2,7 +2,8 @@
 
 This is NOT the data pipeline. It exists so the tokenizer can be trained, tested and reported on real text
 before `kmoe data build` (issue 3) lands; swap it for that stage's `OUT/corpus` at merge. Sources, fetched at
-run time and cached under `.cache/` (never committed), per DATA_SOURCES.md:
+run time through the `demo` source's fetchers (data_prep/sources/demo.py) and cached where the data build caches
+them (`.cache/data`, never committed), per DATA_SOURCES.md:
   ko/ja/en: Debian package descriptions translated by people (DDTP), via a private `apt-get update`;
   code: the Python standard library's own `.py` files.
 A deterministic slice of each language (by a hash of the document id) is held out for the report, plus an
@@ -15,11 +16,12 @@ import gzip
 import hashlib
 import json
 import logging
-import subprocess
 import sysconfig
 import unicodedata
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from data_prep.sources.demo import ddtp_files, fetch_deb, read_apt_file
 
 log = logging.getLogger(__name__)
 
@@ -27,32 +29,11 @@ log = logging.getLogger(__name__)
 DEFAULT_CAPS = {"ko": 3_000_000, "ja": 2_500_000, "en": 8_000_000, "code": 3_000_000}
 
 
-def _fetch_ddtp(cache: Path) -> Path:
-    lists = cache / "lists"
-    if not list(lists.glob("*Translation-ko*")):
-        (lists / "partial").mkdir(parents=True, exist_ok=True)
-        cmd = [
-            "apt-get", "update", "-qq", "-o", "Acquire::Languages=ko,ja,en",
-            "-o", f"Dir::State::Lists={lists}", "-o", f"Dir::Cache={cache / 'apt-cache'}",
-            "-o", "APT::Update::Post-Invoke-Success=",
-        ]  # fmt: skip
-        log.info("fetching DDTP translations into %s", lists)
-        subprocess.run(cmd, check=True, capture_output=True)
-    return lists
-
-
 def ddtp_docs(cache: Path, lang: str) -> list[dict]:
     """One document per distinct translated description (deduplicated by its md5)."""
-    lists = _fetch_ddtp(cache)
-    files = sorted(lists.glob(f"*_main_i18n_Translation-{lang}*"))
-    if not files:
-        raise FileNotFoundError(f"{lists}: no Translation-{lang} file after apt-get update")
     docs, seen = [], set()
-    for f in files:
-        raw = subprocess.run(
-            ["/usr/lib/apt/apt-helper", "cat-file", str(f)], check=True, capture_output=True
-        ).stdout.decode("utf-8", errors="replace")
-        for entry in raw.split("\n\n"):
+    for f in ddtp_files(cache, lang):
+        for entry in read_apt_file(f).split("\n\n"):
             doc = _parse_entry(entry, lang)
             if doc and doc["id"] not in seen:
                 seen.add(doc["id"])
@@ -99,16 +80,7 @@ def stdlib_docs() -> list[dict]:
 
 def gnome_help_ko(cache: Path) -> list[str]:
     """Paragraphs of the Korean GNOME help (Mallard XML); untranslated paragraphs are dropped."""
-    debs = cache / "debs"
-    if not list(debs.glob("gnome-user-docs_*.deb")):
-        debs.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["apt-get", "download", "-qq", "gnome-user-docs"], cwd=debs, check=True, capture_output=True
-        )
-    tree = debs / "x"
-    if not (tree / "usr/share/help/ko").is_dir():
-        deb = sorted(debs.glob("gnome-user-docs_*.deb"))[-1]
-        subprocess.run(["dpkg-deb", "-x", str(deb), str(tree)], check=True, capture_output=True)
+    tree = fetch_deb(cache, "gnome-user-docs")
     paras = []
     for page in sorted((tree / "usr/share/help/ko").rglob("*.page")):
         root = ET.parse(page).getroot()

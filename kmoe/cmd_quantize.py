@@ -35,6 +35,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-expert-tokens", type=int, default=1,
                    help="routed calibration tokens each expert needs (checked when not calibrating all experts)")  # fmt: skip
     p.add_argument("--quantize-lm-head", action="store_true", help="GPTQ: quantize lm_head too")
+    p.add_argument("--quantize-embedding", action="store_true",
+                   help="GPTQ: store the token embedding as per-row int8 (stock transformers loads it; "
+                   "vLLM not verified)")  # fmt: skip
     p.add_argument("--tokenizer", help="tokenizer dir to embed (needed when SOURCE has none)")
     p.add_argument(
         "--key", help="Ed25519 private key PEM to sign with (created if absent); default ephemeral"
@@ -67,7 +70,8 @@ def cmd_quantize(a: argparse.Namespace) -> int:
     opts = QuantizeOptions(
         method=a.method, bits=a.bits, group_size=a.group_size, gguf_type=a.gguf_type, calib=a.calib, mix=a.mix,
         num_samples=a.num_samples, seq_len=a.seq_len, calibrate_all_experts=a.calibrate_all_experts,
-        min_expert_tokens=a.min_expert_tokens, quantize_lm_head=a.quantize_lm_head, tokenizer=a.tokenizer,
+        min_expert_tokens=a.min_expert_tokens, quantize_lm_head=a.quantize_lm_head,
+        quantize_embedding=a.quantize_embedding, tokenizer=a.tokenizer,
         key=a.key, force=a.force,
     )  # fmt: skip
     q = quantize(head, rest[0], opts)

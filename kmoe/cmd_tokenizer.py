@@ -53,7 +53,7 @@ def _corpus(arg: str | None) -> Path:
     from data_prep.tokenizer_devcorpus import ensure_dev_corpus
 
     log.info("no --corpus: using the dev corpus in %s (DDTP ko/ja/en + Python stdlib)", DEV_CORPUS)
-    return ensure_dev_corpus(DEV_CORPUS, Path(".cache/tok-src"))
+    return ensure_dev_corpus(DEV_CORPUS, Path(".cache/data"))
 
 
 def _parity_texts(corpus: Path | None, per_lang: int) -> list[str]:

@@ -97,7 +97,9 @@ def artifact_kind(path: Path) -> tuple[str, str, Path]:
         p = q["params"]
         return (
             method,
-            f"gptq {p['scheme']} g{p['group_size']}" + ("" if "lm_head" in p["ignored"] else " +head"),
+            f"gptq {p['scheme']} g{p['group_size']}"
+            + ("" if "lm_head" in p["ignored"] else " +head")
+            + ("" if p.get("embedding", "bf16") == "bf16" else " +emb8"),
             path,
         )
     return method, method, path
@@ -205,7 +207,8 @@ def _row(label, path, params, bf16, ppl, base, speed, toks, base_toks) -> dict:
 
 def table(report: dict) -> str:
     langs = sorted(report["rows"][0]["ppl"])
-    head = f"{'artifact':<24}{'bytes':>11}{'B/param':>9}{'x bf16':>8}" + "".join(
+    w = max(24, *(len(r["artifact"]) + 1 for r in report["rows"]))
+    head = f"{'artifact':<{w}}{'bytes':>11}{'B/param':>9}{'x bf16':>8}" + "".join(
         f"{'ppl ' + lg:>17}" for lg in langs
     )
     lines = [head + f"{'tok/s':>8}{'greedy=':>8}"]
@@ -218,6 +221,6 @@ def table(report: dict) -> str:
                 cells.append(f"{r['ppl'][lg]:>9.2f} ({r['ppl_change_pct'][lg]:+5.1f}%)")
         speed = f"{r['tokens_per_s']:>8.1f}" if r["tokens_per_s"] else f"{'n/a':>8}"
         match = f"{r['greedy_prefix_match']:>8}" if r["greedy_prefix_match"] is not None else f"{'n/a':>8}"
-        lines.append(f"{r['artifact']:<24}{r['bytes_on_disk']:>11,}{r['bytes_per_param']:>9.3f}{r['x_bf16']:>8.3f}"
+        lines.append(f"{r['artifact']:<{w}}{r['bytes_on_disk']:>11,}{r['bytes_per_param']:>9.3f}{r['x_bf16']:>8.3f}"
                      + "".join(cells) + speed + match)  # fmt: skip
     return "\n".join(lines)

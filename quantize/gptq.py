@@ -5,7 +5,12 @@ and, with `moe_calibrate_all_experts`, sends every calibration token through eve
 output still uses the routed experts only; so an expert the router never picks still gets a Hessian.
 We count the routed tokens per expert beforehand and report them; with all-expert calibration off, an expert
 left without routed tokens is an error, since GPTQ would then quantize it with no data at all.
-The router (`mlp.gate`), norms, embeddings and (by default) lm_head stay in the source precision.
+The router (`mlp.gate`), norms and (by default) the token embedding and lm_head stay in the source precision.
+
+`embedding_int8` stores the token embedding as per-row symmetric int8 in compressed-tensors' `int-quantized`
+format, which stock `transformers` loads (the packed int4 format it cannot: that layout drops `weight`, which
+transformers' Embedding init reads). GPTQ has no Hessian for a lookup table, so this is plain per-row
+rounding; llm-compressor's sequential pipeline never observes the embedding, so we set its scale ourselves.
 """
 
 from __future__ import annotations
@@ -20,6 +25,9 @@ from .calibration import CalibrationError, count_expert_tokens, starved_experts
 
 log = logging.getLogger(__name__)
 IGNORE = ["re:.*mlp\\.gate$", "lm_head"]
+EMBED_TARGET = (
+    "re:.*embed_tokens$"  # a regex target: transformers picks the experts' scheme from class targets
+)
 
 
 def check_group_size(model: torch.nn.Module, group_size: int, ignore_lm_head: bool) -> None:
@@ -42,6 +50,25 @@ def ignored_modules(model: torch.nn.Module, ignore_lm_head: bool) -> list[str]:
         raise ValueError("--quantize-lm-head: lm_head is tied to the token embedding, which stays 16-bit")
     empty = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() == 0]
     return (IGNORE if ignore_lm_head else IGNORE[:1]) + empty
+
+
+def quantize_embedding_int8(model: torch.nn.Module) -> None:
+    """Attach a per-row int8 scheme to the token embedding with scales from its own min/max (no calibration)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme, QuantizationStatus
+    from compressed_tensors.quantization.lifecycle.initialize import initialize_module_for_quantization
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    emb = model.get_input_embeddings()
+    args = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    initialize_module_for_quantization(
+        emb, QuantizationScheme(targets=[EMBED_TARGET], weights=args, format="int-quantized")
+    )
+    w = emb.weight.data
+    scale, zero_point = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), args)
+    emb.weight_scale.data.copy_(scale)
+    if hasattr(emb, "weight_zero_point"):
+        emb.weight_zero_point.data.copy_(zero_point)
+    emb.quantization_status = QuantizationStatus.FROZEN
 
 
 def recipe(bits: int, group_size: int, ignore: list[str], dampening: float = 0.01):
@@ -72,6 +99,7 @@ def quantize_gptq(
     calibrate_all_experts: bool = True,
     ignore_lm_head: bool = True,
     min_expert_tokens: int = 1,
+    embedding_int8: bool = False,
 ) -> dict:
     """Write a compressed-tensors GPTQ artifact to `out_dir`; returns params and per-expert token counts."""
     from datasets import Dataset
@@ -86,6 +114,10 @@ def quantize_gptq(
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     check_group_size(model, group_size, ignore_lm_head)
     ignore = ignored_modules(model, ignore_lm_head)
+    if embedding_int8 and getattr(model.config, "tie_word_embeddings", False):
+        raise ValueError(
+            "--quantize-embedding: the token embedding is tied to lm_head, which GPTQ quantizes apart"
+        )
     routed = count_expert_tokens(model, sequences)
     starved = starved_experts(routed, min_expert_tokens)
     if starved and not calibrate_all_experts:
@@ -112,6 +144,8 @@ def quantize_gptq(
         moe_calibrate_all_experts=calibrate_all_experts,
         pipeline="sequential",
     )
+    if embedding_int8:
+        quantize_embedding_int8(model)
     out = Path(out_dir)
     model.to(torch.bfloat16)
     model.save_pretrained(str(out), save_compressed=True)
@@ -125,6 +159,7 @@ def quantize_gptq(
         "format": "compressed-tensors (pack-quantized)",
         "calibrate_all_experts": calibrate_all_experts,
         "ignored": ignore,
+        "embedding": "int8 per-row (int-quantized)" if embedding_int8 else "bf16",
         "calibration_tokens": total,
         "routed_tokens_per_expert": routed,
         "calibrated_tokens_per_expert": (

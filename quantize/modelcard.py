@@ -79,10 +79,18 @@ def model_card(method: str, qjson: dict, files: list[str]) -> str:
 def _kept(method: str, params: dict) -> list[str]:
     if method == "gptq":
         head = "lm_head, " if "lm_head" in params.get("ignored", []) else ""
-        return [
-            f"- kept in 16/32 bits: router (`mlp.gate`) and its correction bias, norms, token embedding, {head}"
-            "zero-width layers; every expert and every other Linear is quantized"
+        emb = params.get("embedding", "bf16") == "bf16"
+        kept = [
+            f"- kept in 16/32 bits: router (`mlp.gate`) and its correction bias, norms, "
+            f"{'token embedding, ' if emb else ''}{head}zero-width layers; every expert and every other Linear "
+            "is quantized"
         ]
+        if not emb:
+            kept.append(
+                "- token embedding: int8 per row (compressed-tensors `int-quantized`). Stock `transformers` loads "
+                "it; whether vLLM does is not verified: for vLLM, quantize without `--quantize-embedding`"
+            )
+        return kept
     if method in ("nf4", "int8"):
         return [
             "- kept in fp32: router (`mlp.gate`) and its correction bias, norms; everything else, every "

@@ -32,6 +32,7 @@ class QuantizeOptions:
     calibrate_all_experts: bool = True
     min_expert_tokens: int = 1
     quantize_lm_head: bool = False
+    quantize_embedding: bool = False
     tokenizer: str | None = None
     key: str | None = None
     force: bool = False
@@ -41,6 +42,8 @@ def check_options(opts: QuantizeOptions, out: Path) -> None:
     """Everything that can be wrong with the request, before any model is loaded."""
     if opts.method not in METHODS:
         raise ValueError(f"--method {opts.method!r} is not one of {METHODS}")
+    if opts.method != "gptq" and (opts.quantize_lm_head or opts.quantize_embedding):
+        raise ValueError("--quantize-lm-head / --quantize-embedding apply to --method gptq only")
     if opts.method == "gptq" and not opts.calib:
         raise ValueError("--method gptq needs --calib PATH (held-out text .jsonl/.txt or a shards dir)")
     for p in opts.calib:
@@ -119,6 +122,6 @@ def _run_method(hf: Path, out: Path, opts: QuantizeOptions) -> tuple[dict, dict 
     params = quantize_gptq(
         hf, out, flat, bits=opts.bits, group_size=opts.group_size,
         calibrate_all_experts=opts.calibrate_all_experts, ignore_lm_head=not opts.quantize_lm_head,
-        min_expert_tokens=opts.min_expert_tokens,
+        min_expert_tokens=opts.min_expert_tokens, embedding_int8=opts.quantize_embedding,
     )  # fmt: skip
     return params, C.docs_record(docs, seqs, mix)

@@ -82,18 +82,14 @@ def ddtp_entries(text: str) -> Iterator[str]:
 
 
 def _ddtp(cache: Path, lang: str) -> Iterator[dict]:
-    lists = apt_update(cache)
-    files = sorted(glob.glob(str(lists / f"*_main_i18n_Translation-{lang}*")))
-    if not files:
-        raise RuntimeError(f"demo fetch: no Translation-{lang} in {lists} (apt-get update found none)")
-    for f in files:
-        text = _run(["/usr/lib/apt/apt-helper", "cat-file", f])
+    for f in ddtp_files(cache, lang):
+        text = read_apt_file(f)
         for entry in ddtp_entries(text):
             yield {"text": entry, "origin": Path(f).name}
 
 
-def _deb(cache: Path, name: str) -> Iterator[dict]:
-    pkg, pattern, kind = DEB_SOURCES[name]
+def fetch_deb(cache: Path, pkg: str) -> Path:
+    """Download one Debian package through the private lists and extract it under CACHE/debs/x/PKG, once."""
     apt_update(cache)
     debs = cache / "debs"
     root = debs / "x" / pkg
@@ -104,6 +100,25 @@ def _deb(cache: Path, name: str) -> Iterator[dict]:
         root.mkdir(parents=True, exist_ok=True)
         _run(["dpkg-deb", "-x", str(deb), str(root)])
         (root / ".extracted").write_text("ok\n")
+    return root
+
+
+def ddtp_files(cache: Path, lang: str) -> list[str]:
+    """The fetched DDTP Translation-LANG files (compressed as apt stores them; read with apt-helper)."""
+    lists = apt_update(cache)
+    files = sorted(glob.glob(str(lists / f"*_main_i18n_Translation-{lang}*")))
+    if not files:
+        raise RuntimeError(f"demo fetch: no Translation-{lang} in {lists} (apt-get update found none)")
+    return files
+
+
+def read_apt_file(path: str) -> str:
+    return _run(["/usr/lib/apt/apt-helper", "cat-file", path])
+
+
+def _deb(cache: Path, name: str) -> Iterator[dict]:
+    pkg, pattern, kind = DEB_SOURCES[name]
+    root = fetch_deb(cache, pkg)
     for path in sorted(root.glob(pattern)):
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         text = raw.decode("utf-8", errors="replace")

@@ -30,6 +30,15 @@ def gptq(trained, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def gptq_small(trained, tmp_path_factory):
+    """The smallest GPTQ artifact: lm_head int4 too and the token embedding int8 per row."""
+    out = tmp_path_factory.mktemp("gptq-small") / "a"
+    _run("--method", "gptq", "--group-size", "32", "--calib", trained["text"], "--seq-len", "64",
+         "--num-samples", "16", "--quantize-lm-head", "--quantize-embedding", trained["hf"], out)  # fmt: skip
+    return out
+
+
 def _eval_seqs(trained, n=6):
     from transformers import AutoTokenizer
 
@@ -65,14 +74,42 @@ def test_gptq_loads_in_stock_transformers_and_tracks_logits(trained, gptq):
     assert "lm_head.weight" in keys
     ref = AutoModelForCausalLM.from_pretrained(str(trained["hf"]), dtype=torch.float32).eval()
     model = AutoModelForCausalLM.from_pretrained(str(gptq), dtype=torch.float32).eval()
+    agree, rel = _logit_tracking(ref, model, _eval_seqs(trained))
+    assert agree > 0.85 and rel < 0.15, (agree, rel)
+
+
+def _logit_tracking(ref, model, seqs) -> tuple[float, float]:
+    """Top-1 agreement and mean |logit error| / mean |logit| over `seqs`."""
     agree, err, mag = 0.0, 0.0, 0.0
-    seqs = _eval_seqs(trained)
     with torch.no_grad():
         for s in seqs:
             a, b = ref(torch.tensor([s])).logits, model(torch.tensor([s])).logits
             agree += (a.argmax(-1) == b.argmax(-1)).float().mean().item() / len(seqs)
             err, mag = err + (a - b).abs().mean().item(), mag + a.abs().mean().item()
-    assert agree > 0.85 and err / mag < 0.15, (agree, err / mag)
+    return agree, err / mag
+
+
+def test_gptq_int8_embedding_loads_in_stock_transformers(trained, gptq_small):
+    from transformers import AutoModelForCausalLM
+
+    p = json.loads((gptq_small / "quantization.json").read_text())["params"]
+    assert p["embedding"].startswith("int8") and "lm_head" not in p["ignored"]
+    assert "token embedding: int8" in (gptq_small / "README.md").read_text()
+    with safe_open(str(gptq_small / "model.safetensors"), "pt") as f:
+        emb, scale = (
+            f.get_tensor("model.embed_tokens.weight"),
+            f.get_tensor("model.embed_tokens.weight_scale"),
+        )
+        assert "lm_head.weight_packed" in set(f.keys())
+    assert emb.dtype == torch.int8 and scale.shape == (emb.shape[0], 1) and (scale > 0).all()
+    ref = AutoModelForCausalLM.from_pretrained(str(trained["hf"]), dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(str(gptq_small), dtype=torch.float32).eval()
+    seqs = _eval_seqs(trained)
+    model(torch.tensor([seqs[0]]))  # compressed-tensors decompresses on the first forward
+    w, w0 = model.get_input_embeddings().weight, ref.get_input_embeddings().weight
+    assert ((w - w0).abs().amax(1) <= w0.abs().amax(1) / 127 + 1e-3).all()  # within one int8 step per row
+    agree, rel = _logit_tracking(ref, model, seqs)
+    assert agree > 0.8 and rel < 0.2, (agree, rel)
 
 
 def test_gptq_starved_expert_fails_loudly_or_is_calibrated_on_all_tokens(trained, tmp_path):
@@ -124,7 +161,7 @@ def test_bnb_artifact_quantizes_experts_and_runs(trained, tmp_path, method):
     _run("verify", out)
 
 
-def test_sizes_signatures_and_eval_table(trained, gptq, tmp_path, capsys):
+def test_sizes_signatures_and_eval_table(trained, gptq, gptq_small, tmp_path, capsys):
     from quantize.manifest import ArtifactError, verify_artifact
 
     arts = {}
@@ -133,13 +170,14 @@ def test_sizes_signatures_and_eval_table(trained, gptq, tmp_path, capsys):
         _run("--method", m, *extra, trained["hf"], out)
     capsys.readouterr()
     rep = tmp_path / "eval.json"
-    _run("eval", trained["hf"], gptq, *arts.values(), "--eval-data", trained["text"], "--seq-len", "64",
+    _run("eval", trained["hf"], gptq, gptq_small, *arts.values(), "--eval-data", trained["text"], "--seq-len", "64",
          "--max-seqs", "4", "--gen-tokens", "8", "--json", rep)  # fmt: skip
     table = capsys.readouterr().out
     assert "ppl ko" in table and "gguf q4_0" in table and "nf4" in table
     report = json.loads(rep.read_text())
     rows = {r["artifact"]: r for r in report["rows"]}
     assert rows["nf4"]["x_bf16"] <= 0.35 and rows["gguf q4_0"]["x_bf16"] <= 0.35
+    assert rows["gptq W4A16 g32 +head +emb8"]["x_bf16"] <= 0.35 < rows["gptq W4A16 g32"]["x_bf16"]
     for r in report["rows"][1:]:
         if r["ppl"] is not None:  # gguf rows need llama-cpp-python
             assert set(r["ppl"]) == {"ko", "en", "ja", "code"}
@@ -202,9 +240,10 @@ def test_model_without_shared_experts_with_tied_embeddings(trained, tmp_path):
     save_model_dir(tmp_path / "ck", model_state(model), {"model": cfg.__dict__})
     common = ["--group-size", "32", "--calib", trained["text"], "--seq-len", "32", "--num-samples", "4",
               "--tokenizer", trained["tokenizer"]]  # fmt: skip
-    assert main(["quantize", "--method", "gptq", *map(str, common), "--quantize-lm-head",
-                 str(tmp_path / "ck"), str(tmp_path / "bad")]) == 2  # fmt: skip
-    assert not (tmp_path / "bad").exists()
+    for flag in ("--quantize-lm-head", "--quantize-embedding"):
+        assert main(["quantize", "--method", "gptq", *map(str, common), flag,
+                     str(tmp_path / "ck"), str(tmp_path / "bad")]) == 2  # fmt: skip
+        assert not (tmp_path / "bad").exists()
     _run("--method", "gptq", *common, tmp_path / "ck", tmp_path / "gptq")
     p = json.loads((tmp_path / "gptq" / "quantization.json").read_text())["params"]
     assert set(p["routed_tokens_per_expert"]) == {"layers.0", "layers.1", "layers.2"}
