@@ -26,6 +26,7 @@ FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT
                 "DEADLINE", "PREEMPTED"}  # fmt: skip
 # A requeued job waits `cred_expire` seconds before it may start again (SLURM's default: 120).
 REQUEUE_DELAY_S = 5
+PREEMPT_GRACE_S = 60  # a preempted job's time to checkpoint (partition GraceTime)
 
 SLURM_CONF = """\
 # A one-node SLURM cluster of kmoe's launch/localslurm.py; all state under {root}.
@@ -59,8 +60,12 @@ SchedulerParameters=sched_interval=1
 ReturnToService=2
 KillWait=30
 MinJobAge=600
+# Jobs of `urgent` preempt jobs of `local`: SIGTERM to their steps, {grace} s to stop, then requeue.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
 NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP
+PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={grace}
+PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
 
 
@@ -128,8 +133,8 @@ class LocalSlurm:
         self._run(["slurmd", "-f", str(self.conf), "-N", self.host])
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            out = self.command("sinfo", "-h", "-N", "-o", "%T", check=False)
-            if out.strip() in ("idle", "mixed", "allocated"):
+            states = set(self.command("sinfo", "-h", "-N", "-o", "%T", check=False).split())
+            if states and states <= {"idle", "mixed", "allocated"}:
                 log.info("local SLURM up: SLURM_CONF=%s", self.conf)
                 return self
             time.sleep(0.5)
@@ -153,6 +158,7 @@ class LocalSlurm:
                 ctld_port=_free_port(),
                 slurmd_port=_free_port(),
                 requeue_delay=REQUEUE_DELAY_S,
+                grace=PREEMPT_GRACE_S,
             )  # fmt: skip
         )
 
