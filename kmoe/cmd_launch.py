@@ -29,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = lsub.add_parser("status", help="a run's jobs (state, restarts), requeue marker, training progress")
     p.add_argument("run_dir")
+    p.add_argument(
+        "--wait", action="store_true", help="first wait for its last job to end (requeues included)"
+    )
     p.set_defaults(func=cmd_status)
 
     p = lsub.add_parser(
@@ -69,6 +72,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if not jobs:
         raise ValueError(f"{run_dir}: no {slurm.HISTORY} (nothing was launched into this run directory)")
     known = shutil.which("scontrol") is not None
+    final = slurm.wait_job(jobs[-1]["job_id"]) if args.wait else None
     for job in jobs:
         info = slurm.job_info(job["job_id"]) if known else None
         state = (f"{info.get('JobState')} restarts={info.get('Restarts')} exit={info.get('ExitCode')} "
@@ -78,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     if marker.is_file():
         emit(f"requeue.json: {marker.read_text().strip()} (checkpointed on request; waiting for its restart)")
     emit(_progress(run_dir))
-    return 0
+    return 0 if final is None or final.get("JobState") == "COMPLETED" else 1
 
 
 def _progress(run_dir: Path) -> str:

@@ -18,12 +18,10 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch.slurm import job_info
+from launch.slurm import wait_job
 
 log = logging.getLogger(__name__)
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
-FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                "DEADLINE", "PREEMPTED"}  # fmt: skip
 # A requeued job waits `cred_expire` seconds before it may start again (SLURM's default: 120).
 REQUEUE_DELAY_S = 5
 PREEMPT_GRACE_S = 60  # a preempted job's time to checkpoint (partition GraceTime)
@@ -181,18 +179,9 @@ class LocalSlurm:
             raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc.stdout
 
-    def wait(self, job_id: str, timeout: float = 300, poll: float = 0.5) -> dict[str, str]:
+    def wait(self, job_id: str, timeout: float = 300) -> dict[str, str]:
         """Wait for a job to end (requeues included); its final `scontrol show job` fields."""
-        deadline = time.monotonic() + timeout
-        info: dict[str, str] | None = None
-        while time.monotonic() < deadline:
-            info = job_info(job_id, self.env())
-            if info is None:
-                raise RuntimeError(f"job {job_id} is unknown to the local SLURM")
-            if info.get("JobState") in FINAL_STATES:
-                return info
-            time.sleep(poll)
-        raise TimeoutError(f"job {job_id} still {info and info.get('JobState')} after {timeout:.0f} s")
+        return wait_job(job_id, self.env(), timeout)
 
     def stop(self, timeout: float = 30) -> None:
         """Cancel the jobs, stop slurmd and slurmctld, then munged (each by the pid in its pid file)."""

@@ -28,6 +28,8 @@ SCRIPT = "launch.sbatch"  # the rendered script, in the run directory
 CONFIG = "launch-config.yaml"  # the resolved config every (re)start of the job trains with
 HISTORY = "launch.json"  # job ids submitted for the run directory
 JOB_NAME = re.compile(r"[A-Za-z0-9._+-]+")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED"}  # fmt: skip
 
 
 @dataclass
@@ -165,6 +167,26 @@ def job_info(job_id: str, env: dict[str, str] | None = None) -> dict[str, str] |
     )
     if proc.returncode != 0 or not proc.stdout.strip():
         return None
-    # Values may hold spaces (Command=, WorkDir=), so split before each `Key=` rather than on whitespace.
-    pairs = re.findall(r"(\w[\w:/]*)=(.*?)(?=\s+\w[\w:/]*=|\s*$)", proc.stdout.strip())
-    return dict(pairs)
+    return parse_scontrol(proc.stdout)
+
+
+def wait_job(
+    job_id: str, env: dict[str, str] | None = None, timeout: float = 3600, poll: float = 0.5
+) -> dict:
+    """Wait for a job to end, through its requeues; its final `scontrol show job` fields."""
+    deadline = time.monotonic() + timeout
+    info: dict[str, str] | None = None
+    while time.monotonic() < deadline:
+        info = job_info(job_id, env)
+        if info is None:
+            raise ValueError(f"job {job_id} is unknown to SLURM (or SLURM forgot it: MinJobAge)")
+        if info.get("JobState") in FINAL_STATES:
+            return info
+        time.sleep(poll)
+    raise TimeoutError(f"job {job_id} still {info and info.get('JobState')} after {timeout:.0f} s")
+
+
+def parse_scontrol(line: str) -> dict[str, str]:
+    """`Key=value Key=value ...` of `scontrol show -o`; values may hold spaces (Command=, WorkDir=), so split
+    before each `Key=` rather than on whitespace."""
+    return dict(re.findall(r"(\w[\w:/]*)=(.*?)(?=\s+\w[\w:/]*=|\s*$)", line.strip()))
