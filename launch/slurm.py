@@ -2,7 +2,7 @@
 
 plan() resolves the config as `kmoe train` does (plus `--set` overrides), makes its paths absolute and checks
 the parallel layout against `launch.nodes x ranks per node`; preflight() checks what would otherwise fail on
-the nodes (data, run directory, job name); render() fills the template; write() puts the resolved config and
+the nodes (data, run directory, job name, a job already training into it); render() fills the template; write() puts the resolved config and
 the script into the run directory; submit() calls `sbatch --parsable` and records the job id.
 """
 
@@ -74,7 +74,7 @@ def plan(config: str, overrides: list[str] | None = None, run_dir: str | None = 
     except ValueError as e:
         raise ConfigError(f"{config}: {e} (launch: {where})") from None
     run = Path(run_dir) if run_dir else Path("runs") / cfg.name
-    return LaunchPlan(cfg, str(config), workdir / run, workdir, la.python or sys.executable)
+    return LaunchPlan(cfg, str(config), (workdir / run).resolve(), workdir, la.python or sys.executable)
 
 
 def _absolute(path: str, base: Path) -> str:
@@ -91,10 +91,9 @@ def preflight(p: LaunchPlan, submitting: bool = True) -> None:
 
     if not JOB_NAME.fullmatch(p.cfg.name):
         raise ConfigError(f"name: {p.cfg.name!r} is the SLURM job name; use letters, digits and ._+- only")
-    if re.search(r"[\s%]", str(p.run_dir)):
-        raise ValueError(
-            f"--run-dir: {p.run_dir} holds whitespace or '%', which #SBATCH --output cannot take"
-        )
+    for what, path in (("--run-dir", p.run_dir), ("the working directory", p.workdir)):
+        if re.search(r"[\s%]", str(path)):
+            raise ValueError(f"{what}: {path} holds whitespace or '%', which #SBATCH lines cannot take")
     check_sources(p.cfg)
     if os.sep in p.python and not os.access(p.python, os.X_OK):
         raise ConfigError(f"launch.python: {p.python} is not an executable file")
@@ -105,6 +104,19 @@ def preflight(p: LaunchPlan, submitting: bool = True) -> None:
         raise ValueError(
             "sbatch not found on PATH: submit from a SLURM login node (or `kmoe launch local start`)"
         )
+    if submitting and (live := _live_job(p.run_dir)):
+        raise ValueError(
+            f"--run-dir: job {live[0]} ({live[1]}) already trains into {p.run_dir}; two jobs would write the same "
+            f"checkpoints and ledger: `scancel {live[0]}` first, or use another --run-dir"
+        )
+
+
+def _live_job(run_dir: Path) -> tuple[str, str] | None:
+    """(job id, state) of the run directory's last job while SLURM has it queued or running."""
+    history = read_history(run_dir)
+    info = job_info(history[-1]["job_id"]) if history and shutil.which("scontrol") else None
+    state = info.get("JobState", "") if info else ""
+    return (history[-1]["job_id"], state) if info and state not in FINAL_STATES else None
 
 
 def render(p: LaunchPlan) -> str:

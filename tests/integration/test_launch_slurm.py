@@ -34,8 +34,8 @@ def cluster():
     shutil.rmtree(root, ignore_errors=True)
 
 
-def launch(cluster: LocalSlurm, shards: Path, run_dir: Path) -> str:
-    """`kmoe launch slurm` of the toy config as 2 CPU ranks; returns the job id it prints."""
+def kmoe_launch(cluster: LocalSlurm, shards: Path, run_dir: Path) -> subprocess.CompletedProcess:
+    """`kmoe launch slurm` of the toy config as 2 CPU ranks."""
     sets = [f"data.shards={shards}", f"train.steps={STEPS}", "checkpoint.every=50", "train.eval_every=50",
             "log.wandb=false", "launch.gpus_per_node=0", "launch.procs_per_node=2", "launch.cpus_per_task=2",
             "launch.time=10", "launch.signal_grace_s=60", "launch.env.OMP_NUM_THREADS=1"]  # fmt: skip
@@ -50,8 +50,13 @@ def launch(cluster: LocalSlurm, shards: Path, run_dir: Path) -> str:
         "--run-dir",
         str(run_dir),
     ]
-    proc = subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, env=cluster.env(),
+    return subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, env=cluster.env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
+
+
+def launch(cluster: LocalSlurm, shards: Path, run_dir: Path) -> str:
+    """Submit; the job id `kmoe launch slurm` prints."""
+    proc = kmoe_launch(cluster, shards, run_dir)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout.splitlines()[0]
 
@@ -95,14 +100,16 @@ def wait_for_first_step(cluster: LocalSlurm, run_dir: Path, job_id: str, timeout
 
 
 @pytest.fixture(scope="module")
-def straight(cluster, shards, tmp_path_factory) -> tuple[Path, str, dict]:
+def straight(cluster, shards, tmp_path_factory) -> tuple[Path, str, dict, subprocess.CompletedProcess]:
     run = tmp_path_factory.mktemp("launch") / "straight"
     job = launch(cluster, shards, run)
-    return run, job, cluster.wait(job, timeout=300)
+    again = kmoe_launch(cluster, shards, run)  # while the first job is queued or running
+    return run, job, cluster.wait(job, timeout=300), again
 
 
 def test_job_trains_to_the_end_and_its_ledger_verifies(straight):
-    run, job, info = straight
+    run, job, info, again = straight
+    assert again.returncode == 2 and f"job {job} (" in again.stderr and "already trains into" in again.stderr
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "0"), job_logs(
         run, job
     )

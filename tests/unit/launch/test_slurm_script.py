@@ -35,7 +35,8 @@ def bash_syntax_ok(script: str, tmp_path: Path) -> None:
 
 
 def test_gpu_script_carries_the_launch_section(tmp_path):
-    sets = ["launch.nodes=4", "launch.partition=gpu", "launch.account=proj42", "launch.time=2-00:00:00",
+    sets = ["launch.nodes=4", "launch.gpus_per_node=8", "launch.procs_per_node=0", "launch.cpus_per_task=0",
+            "launch.partition=gpu", "launch.account=proj42", "launch.time=2-00:00:00",
             "launch.signal_grace_s=600", "launch.env.NCCL_DEBUG=INFO", "launch.sbatch=[--qos=high]",
             "launch.setup=[module load cuda/12.4, source /opt/venv/bin/activate]", "train.global_batch_size=128"]  # fmt: skip
     plan = slurm.plan(TOY, sets, run_dir=str(tmp_path / "run"))
@@ -89,7 +90,7 @@ def test_the_job_trains_with_the_resolved_config(shards, tmp_path, monkeypatch):
     [
         (["launch.nodes=2", *CPU], "train.global_batch_size"),  # 8 sequences, 4 ranks x micro-batch 4
         ([*CPU, "parallel.strategy=single"], "parallel.strategy"),
-        (["launch.gpus_per_node=0"], "launch.procs_per_node"),
+        (["launch.gpus_per_node=0", "launch.procs_per_node=0"], "launch.procs_per_node"),
         (["launch.time=1h"], "launch.time"),
     ],
 )
@@ -137,7 +138,7 @@ def test_dry_run_prints_script_and_layout_and_writes_nothing(shards, tmp_path, c
     args = ["launch", "slurm", "--config", TOY, "--run-dir", str(run), "--dry-run"]
     assert main(args + [a for s in [f"data.shards={shards}", *CPU] for a in ("--set", s)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("#!/bin/bash") and "#SBATCH --signal=B:USR1@300" in out
+    assert out.startswith("#!/bin/bash") and "#SBATCH --signal=B:USR1@60" in out  # toy.yaml's grace
     assert (
         '# layout: {"nodes": 1, "ranks_per_node": 2, "gpus_per_node": 0' in out and '"world_size": 2' in out
     )
