@@ -122,7 +122,7 @@ class LocalSlurm:
         """Start the three daemons (a no-op when they run) and wait until the node takes jobs."""
         why = unavailable()
         if why:
-            raise RuntimeError(why)
+            raise ValueError(why)
         if self.running():
             return self
         self._prepare()

@@ -8,6 +8,7 @@ resumes, and ends with the uninterrupted job's per-step losses bit for bit. Both
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -18,10 +19,13 @@ from pathlib import Path
 import pytest
 from conftest import TOY_CONFIG
 
+from kmoe.cli import main
 from launch.localslurm import LocalSlurm, unavailable
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 150  # ~3 s of training: time enough to signal the job mid-run
+# Job ids restart at 1 on every private cluster: a random base keeps concurrent test sessions' rendezvous apart.
+RDZV_BASE = random.randint(20000, 40000)
 pytestmark = pytest.mark.skipif(unavailable() is not None, reason=f"no local SLURM: {unavailable()}")
 
 
@@ -38,7 +42,8 @@ def kmoe_launch(cluster: LocalSlurm, shards: Path, run_dir: Path) -> subprocess.
     """`kmoe launch slurm` of the toy config as 2 CPU ranks."""
     sets = [f"data.shards={shards}", f"train.steps={STEPS}", "checkpoint.every=50", "train.eval_every=50",
             "log.wandb=false", "launch.gpus_per_node=0", "launch.procs_per_node=2", "launch.cpus_per_task=2",
-            "launch.time=10", "launch.signal_grace_s=60", "launch.env.OMP_NUM_THREADS=1"]  # fmt: skip
+            "launch.time=10", "launch.signal_grace_s=60", "launch.env.OMP_NUM_THREADS=1",
+            f"launch.rdzv_port={RDZV_BASE}"]  # fmt: skip
     cmd = [
         sys.executable,
         "-m",
@@ -152,7 +157,7 @@ def assert_stopped_requeued_and_resumed(
 
 
 def test_time_limit_signal_checkpoints_requeues_the_job_and_it_resumes_bit_exactly(
-    cluster, shards, straight, tmp_path
+    cluster, shards, straight, tmp_path, monkeypatch, capsys
 ):
     run = tmp_path / "time-limit"
     job = launch(cluster, shards, run)
@@ -161,6 +166,11 @@ def test_time_limit_signal_checkpoints_requeues_the_job_and_it_resumes_bit_exact
     cluster.command("scancel", "--signal=USR1", "--batch", job)
     info = cluster.wait(job, timeout=300)
     assert_stopped_requeued_and_resumed(run, job, info, "SIGUSR1", reference=straight[0])
+    monkeypatch.setenv("SLURM_CONF", str(cluster.conf))
+    assert main(["launch", "status", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"job {job} submitted" in out and "COMPLETED restarts=1 exit=0:0" in out
+    assert f"step {STEPS}, ended: completed; stop signals 1, resumes 1" in out
 
 
 def test_preempted_job_checkpoints_and_resumes_after_the_urgent_job_bit_exactly(
