@@ -1,8 +1,9 @@
 """`kmoe launch slurm` on a real SLURM (launch/localslurm.py: munged, slurmctld, slurmd on this machine).
 
-The toy MoE trains as one job of 2 CPU ranks (torchrun, gloo DDP) to the end; a second job gets SLURM's
-pre-time-limit signal (USR1 to the batch shell) mid-run, checkpoints, requeues itself under the same job id,
-resumes, and ends with the uninterrupted job's per-step losses bit for bit. Both ledgers verify.
+The toy MoE trains as one job of 2 CPU ranks (torchrun, gloo DDP) to the end. Another job gets SLURM's
+pre-time-limit signal (USR1 to the batch shell) mid-run, a third is preempted by a job of a higher-priority
+partition (TERM to its step); each checkpoints, requeues itself under the same job id, resumes, and ends with
+the uninterrupted job's per-step losses bit for bit. Every ledger verifies.
 """
 
 from __future__ import annotations
@@ -44,17 +45,8 @@ def kmoe_launch(cluster: LocalSlurm, shards: Path, run_dir: Path) -> subprocess.
             "log.wandb=false", "launch.gpus_per_node=0", "launch.procs_per_node=2", "launch.cpus_per_task=2",
             "launch.time=10", "launch.signal_grace_s=60", "launch.env.OMP_NUM_THREADS=1",
             f"launch.rdzv_port={RDZV_BASE}"]  # fmt: skip
-    cmd = [
-        sys.executable,
-        "-m",
-        "kmoe.cli",
-        "launch",
-        "slurm",
-        "--config",
-        TOY_CONFIG,
-        "--run-dir",
-        str(run_dir),
-    ]
+    cmd = [sys.executable, "-m", "kmoe.cli", "launch", "slurm", "--config", TOY_CONFIG,
+           "--run-dir", str(run_dir)]  # fmt: skip
     return subprocess.run(cmd + [a for s in sets for a in ("--set", s)], cwd=REPO, env=cluster.env(),
                           capture_output=True, text=True, timeout=120)  # fmt: skip
 
