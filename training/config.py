@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -78,12 +79,33 @@ class LogConfig:
 
 @dataclass
 class LaunchConfig:
+    """How `kmoe launch slurm` runs the training: one torchrun per node, `procs_per_node` ranks each."""
+
     nodes: int = 1
-    gpus_per_node: int = 8
+    gpus_per_node: int = 8  # one rank per GPU; 0 = CPU ranks (gloo), `procs_per_node` of them
+    procs_per_node: int = 0  # ranks per node; 0 = gpus_per_node (must be set when gpus_per_node is 0)
+    cpus_per_task: int = 0  # CPUs for each node's torchrun and its ranks; 0 = the partition's default
     partition: str = ""
     account: str = ""
-    time: str = "24:00:00"
-    requeue: bool = True
+    time: str | int = "24:00:00"  # SLURM time limit: minutes, [days-]hours:minutes:seconds, days-hours, ...
+    requeue: bool = True  # after a stop signal (time limit warning, preemption) the job requeues itself
+    max_requeues: int = 20  # ... at most this many times (SLURM_RESTART_COUNT), then it exits 75
+    signal_grace_s: int = 300  # USR1 this long before the time limit: to finish a step and checkpoint
+    rdzv_port: int = 29500  # c10d rendezvous on the first node, at this port + (job id mod 1000)
+    python: str = ""  # interpreter on the nodes; "" = the one that runs `kmoe launch`
+    setup: list[str] = field(
+        default_factory=list
+    )  # shell lines first: `module load cuda`, `source .venv/...`
+    env: dict[str, str | int | float] = field(default_factory=dict)  # exported: NCCL_*, OMP_NUM_THREADS
+    sbatch: list[str] = field(default_factory=list)  # more `#SBATCH` options: `--qos=high`, `--exclusive`
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.procs_per_node or self.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
 
 
 @dataclass
@@ -190,6 +212,57 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.log.every <= 0:
         raise ConfigError(f"log.every: must be positive, got {cfg.log.every}")
+    _validate_launch(cfg)
+
+
+def slurm_time_seconds(text: str) -> int:
+    """A SLURM time limit in seconds: `M`, `M:S`, `H:M:S`, `D-H`, `D-H:M`, `D-H:M:S` (as sbatch --time)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a SLURM time (e.g. 90, 04:00:00, 2-00:00:00)")
+    days, a, b, c = (int(g) if g else None for g in m.groups())
+    if days is not None:  # D-H[:M[:S]]
+        return ((days * 24 + a) * 60 + (b or 0)) * 60 + (c or 0)
+    if c is not None:  # H:M:S
+        return (a * 60 + b) * 60 + c
+    return a * 60 + (b or 0)  # M[:S]
+
+
+def _validate_launch(cfg: RunConfig) -> None:
+    """`launch.*`: what `kmoe launch slurm` would otherwise learn from sbatch or a failed job."""
+    la = cfg.launch
+    for key in ("gpus_per_node", "procs_per_node", "cpus_per_task", "max_requeues"):
+        if getattr(la, key) < 0:
+            raise ConfigError(f"launch.{key}: must be >= 0, got {getattr(la, key)}")
+    if la.nodes < 1:
+        raise ConfigError(f"launch.nodes: must be >= 1, got {la.nodes}")
+    if la.gpus_per_node == 0 and la.procs_per_node == 0:
+        raise ConfigError("launch.procs_per_node: set the CPU ranks per node when launch.gpus_per_node is 0")
+    if la.gpus_per_node and la.procs_per_node not in (0, la.gpus_per_node):
+        raise ConfigError(
+            f"launch.procs_per_node: {la.procs_per_node} ranks on {la.gpus_per_node} GPUs per node; "
+            "one rank per GPU (leave it 0)"
+        )
+    if la.gpus_per_node == 0 and cfg.train.precision == "bf16":
+        raise ConfigError(
+            "train.precision: bf16 needs GPUs but launch.gpus_per_node is 0 (CPU ranks train fp32)"
+        )
+    try:
+        limit = slurm_time_seconds(str(la.time))
+    except ValueError as e:
+        raise ConfigError(f"launch.time: {e}") from None
+    if limit <= 0:
+        raise ConfigError(f"launch.time: {la.time!r} is no time at all")
+    if not 0 < la.signal_grace_s < min(limit, 65536):
+        raise ConfigError(
+            f"launch.signal_grace_s: {la.signal_grace_s} must be in 1..{min(limit, 65536) - 1} "
+            f"(below launch.time {la.time}; SLURM allows up to 65535)"
+        )
+    if not 1024 <= la.rdzv_port <= 65535 - 999:
+        raise ConfigError(f"launch.rdzv_port: {la.rdzv_port} is outside 1024..64536")
+    for name in la.env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise ConfigError(f"launch.env.{name}: not a shell variable name")
 
 
 def config_dict(cfg: RunConfig) -> dict[str, Any]:

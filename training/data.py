@@ -112,6 +112,18 @@ def blend_weights(cfg: RunConfig, prefixes: dict[str, str]) -> dict[str, float]:
     return weights
 
 
+def check_sources(
+    cfg: RunConfig,
+) -> tuple[dict[str, str], dict[str, float], tuple[int, int, str], dict[str, Any]]:
+    """(shard prefixes, blend weights, tokenizer special ids, manifest info) of `data.*`, without building an
+    index; a ValueError names the key. `kmoe launch` runs it before submitting a job."""
+    shards = Path(cfg.data.shards)
+    if not cfg.data.shards or not shards.is_dir():
+        raise ValueError(f"data.shards: {cfg.data.shards!r} is not a directory")
+    prefixes = shard_prefixes(shards)
+    return prefixes, blend_weights(cfg, prefixes), read_special_ids(cfg), manifest_info(shards)
+
+
 def _build(cfg, tokenizer, blend, sizes: list[int]) -> list:
     return build_gpt_datasets(blend, tokenizer, cfg.data.seq_len, sizes, cfg.train.seed, cfg.data.split)
 
@@ -126,16 +138,10 @@ class TrainData:
     """The blended train stream and the per-language validation sets of one run."""
 
     def __init__(self, cfg: RunConfig):
-        shards = Path(cfg.data.shards)
-        if not cfg.data.shards or not shards.is_dir():
-            raise ValueError(f"data.shards: {cfg.data.shards!r} is not a directory")
         self.cfg = cfg
-        self.prefixes = shard_prefixes(shards)
-        self.weights = blend_weights(cfg, self.prefixes)
+        self.prefixes, self.weights, (eod, pad, tok_id), self.manifest = check_sources(cfg)
         self.langs = list(self.weights)
-        eod, pad, tok_id = read_special_ids(cfg)
         self.tokenizer = MegatronTokenizerInfo(cfg.model.vocab_size, eod, pad, tok_id)
-        self.manifest = manifest_info(shards)
         blend = ([self.prefixes[lang] for lang in self.langs], [self.weights[lang] for lang in self.langs])
         self.train = _build(cfg, self.tokenizer, blend, [samples_needed(cfg), 0, 0])[0]
         if self.train is None:

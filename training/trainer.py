@@ -193,7 +193,10 @@ class Trainer:
         name = signal.Signals(self.stop.signum).name if self.stop.signum else "peer rank"
         self.metrics.event("signal", step=self.state.step, signal=name)
         self.ledger.event("signal", step=self.state.step, signal=name, action="checkpoint and requeue")
-        self._checkpoint(reason="signal")
+        # The signal may have come during this step's interval checkpoint: keep it (the ledger recorded its
+        # files) rather than write the step again.
+        if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
+            self._checkpoint(reason="signal")
         self.ledger.close("requeue")
         self.metrics.summary(self.ledger.identity())
         if self.info.is_main:  # torchrun turns a worker's exit 75 into its own 1: launchers read this file

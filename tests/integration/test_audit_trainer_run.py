@@ -5,6 +5,7 @@ summary carries the ledger head that `verify` reports."""
 from __future__ import annotations
 
 import glob
+import os
 import random
 import signal
 from pathlib import Path
@@ -17,6 +18,8 @@ from training.audit.replay import replay
 from training.audit.verify import verify_run
 from training.ledger import Ledger
 from training.ledger_chain import LEDGER_FILE, read_lines
+from training.signals import REQUEUE_EXIT_CODE
+from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / "configs/train/toy.yaml")
@@ -137,3 +140,27 @@ def test_wandb_summary_carries_the_ledger_head(shards, tmp_path, monkeypatch, ca
     key_id = v.summary["key_id"]
     assert main(["audit", "verify", str(run), "--pubkey", key_id]) == 0  # what an auditor pins from wandb
     assert "matches the pinned key from --pubkey" in capsys.readouterr().out
+
+
+def test_stop_signal_right_after_an_interval_checkpoint_keeps_that_checkpoint(
+    shards, tmp_path, monkeypatch, capsys
+):
+    """A stop signal that lands during a checkpoint stops the run at that step with that checkpoint: writing
+    the step again would replace the files the ledger recorded (seen on SLURM preemption mid-checkpoint)."""
+    real = Trainer._after_step
+
+    def after_step(self) -> None:
+        real(self)
+        if self.state.step == 5:  # the interval checkpoint of step 5 is on disk and recorded
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "_after_step", after_step)
+    run = tmp_path / "stopped"
+    assert train(shards, run) == REQUEUE_EXIT_CODE
+    monkeypatch.undo()
+    assert [r["step"] for r in records(run) if r["kind"] == "checkpoint"] == [5]
+    assert events(run, "signal")[0]["step"] == 5
+    assert main(["audit", "verify", str(run)]) == 0, capsys.readouterr().out
+    assert train(shards, run, "auto") == 0
+    audited(run, capsys)
+    assert events(run, "resume")[0]["step"] == 5

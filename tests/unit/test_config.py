@@ -27,6 +27,14 @@ def _write(tmp_path, text):
         (["train.global_batch_size=10", "train.micro_batch_size=4"], "train.global_batch_size"),
         (["train.warmup_steps=500", "train.steps=100"], "train.warmup_steps"),
         (["trian.steps=3"], "trian"),
+        (["launch.nodes=0"], "launch.nodes"),
+        (["launch.time=4h"], "launch.time"),
+        (["launch.gpus_per_node=0"], "launch.procs_per_node"),  # CPU ranks: how many?
+        (["launch.procs_per_node=4"], "launch.procs_per_node"),  # 4 ranks on 8 GPUs
+        (["launch.time=60", "launch.signal_grace_s=3600"], "launch.signal_grace_s"),  # the warning at start
+        (["launch.env.2GPU=1"], "launch.env.2GPU"),
+        (["launch.gpus_per_node=0", "launch.procs_per_node=2", "train.precision=bf16"], "train.precision"),
+        (["launch.rdzv_port=80"], "launch.rdzv_port"),
     ],
 )
 def test_bad_values_name_the_key(repo_root, overrides, key):

@@ -1,0 +1,216 @@
+"""A private SLURM cluster on this machine: munged, slurmctld and one slurmd, all state under one folder.
+
+For the launch tests and for trying `kmoe launch slurm` on one machine (Debian: `apt-get install
+slurm-wlm`). It needs root (slurmd starts job steps as their user) but no systemd and no cgroups: processes
+are tracked by parent id (proctrack/linuxproc), tasks are not pinned (task/none), and the ports are free
+ones picked at start, so it runs beside a real SLURM installation without touching it. Jobs see it through
+`SLURM_CONF=<root>/slurm.conf` (see `env()`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from launch.slurm import wait_job
+
+log = logging.getLogger(__name__)
+BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "srun", "sinfo")
+# A requeued job waits `cred_expire` seconds before it may start again (SLURM's default: 120).
+REQUEUE_DELAY_S = 5
+PREEMPT_GRACE_S = 60  # a preempted job's time to checkpoint (partition GraceTime)
+
+SLURM_CONF = """\
+# A one-node SLURM cluster of kmoe's launch/localslurm.py; all state under {root}.
+ClusterName=kmoelocal
+SlurmctldHost={host}(127.0.0.1)
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={root}/run/munge.sock,cred_expire={requeue_delay}
+StateSaveLocation={root}/state
+SlurmdSpoolDir={root}/spool
+SlurmctldPidFile={root}/run/slurmctld.pid
+SlurmdPidFile={root}/run/slurmd.pid
+SlurmctldLogFile={root}/log/slurmctld.log
+SlurmdLogFile={root}/log/slurmd.log
+# No systemd or cgroups here: track processes by parent id, do not pin tasks, gather no accounting.
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+MpiDefault=none
+MailProg=/bin/true
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+SchedulerType=sched/backfill
+SchedulerParameters=sched_interval=1
+ReturnToService=2
+KillWait=30
+MinJobAge=600
+# Jobs of `urgent` preempt jobs of `local`: SIGTERM to their steps, {grace} s to stop, then requeue.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={grace}
+PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+"""
+
+
+def unavailable() -> str | None:
+    """Why a local cluster cannot start here, or None when it can."""
+    missing = [b for b in BINARIES if not shutil.which(b)]
+    if missing:
+        return f"SLURM/munge not installed ({', '.join(missing)} missing): apt-get install slurm-wlm"
+    if os.geteuid() != 0:
+        return "the local SLURM cluster needs root (slurmd launches job steps as their user)"
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _pid(path: Path) -> int | None:
+    """The live process of a pid file (a zombie counts as gone: init reaps daemons late)."""
+    try:
+        pid = int(path.read_text().split()[0])
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return None if state in ("Z", "X") else pid
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _until(done, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+class LocalSlurm:
+    """Start with `start()` (or `with LocalSlurm(root) as cluster:`), stop with `stop()`."""
+
+    def __init__(self, root: str | Path, cpus: int | None = None):
+        self.root = Path(root).resolve()
+        self.cpus = cpus or len(os.sched_getaffinity(0))
+        self.host = socket.gethostname().split(".")[0]
+        self.conf = self.root / "slurm.conf"
+
+    def env(self) -> dict[str, str]:
+        """The environment of a SLURM command (or a job submitted) on this cluster."""
+        return dict(os.environ, SLURM_CONF=str(self.conf))
+
+    def running(self) -> bool:
+        return all(_pid(self.root / "run" / f"{d}.pid") for d in ("munged", "slurmctld", "slurmd"))
+
+    def start(self, timeout: float = 60) -> LocalSlurm:
+        """Start the three daemons (a no-op when they run) and wait until the node takes jobs."""
+        why = unavailable()
+        if why:
+            raise ValueError(why)
+        if self.running():
+            return self
+        self._prepare()
+        self._start_munge()
+        self._run(["slurmctld", "-f", str(self.conf)])
+        self._run(["slurmd", "-f", str(self.conf), "-N", self.host])
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            states = set(self.command("sinfo", "-h", "-N", "-o", "%T", check=False).split())
+            if states and states <= {"idle", "mixed", "allocated"}:
+                log.info("local SLURM up: SLURM_CONF=%s", self.conf)
+                return self
+            time.sleep(0.5)
+        raise RuntimeError(f"the local SLURM node did not come up in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def _prepare(self) -> None:
+        # munged refuses a socket folder that others cannot enter and a key that others can read.
+        for sub, mode in (("", 0o755), ("run", 0o755), ("log", 0o755), ("state", 0o700), ("spool", 0o755),
+                          ("munge", 0o700)):  # fmt: skip
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+            (self.root / sub).chmod(mode)
+        key = self.root / "munge/munge.key"
+        if not key.is_file():
+            key.write_bytes(os.urandom(128))
+            key.chmod(0o400)
+        self.conf.write_text(
+            SLURM_CONF.format(
+                root=self.root,
+                host=self.host,
+                cpus=self.cpus,
+                ctld_port=_free_port(),
+                slurmd_port=_free_port(),
+                requeue_delay=REQUEUE_DELAY_S,
+                grace=PREEMPT_GRACE_S,
+            )  # fmt: skip
+        )
+
+    def _start_munge(self) -> None:
+        r = self.root
+        self._run(["munged", f"--key-file={r}/munge/munge.key", f"--socket={r}/run/munge.sock",
+                   f"--pid-file={r}/run/munged.pid", f"--log-file={r}/log/munged.log",
+                   f"--seed-file={r}/munge/munged.seed"])  # fmt: skip
+
+    def _run(self, cmd: list[str]) -> None:
+        """Start a daemon (it forks into the background and writes its pid file)."""
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=self.env())
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}\n{self.log_tail()}")
+
+    def command(self, *args: str, check: bool = True) -> str:
+        """Run a SLURM client command on this cluster; its stdout."""
+        proc = subprocess.run(list(args), capture_output=True, text=True, env=self.env())
+        if check and proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
+        return proc.stdout
+
+    def wait(self, job_id: str, timeout: float = 300) -> dict[str, str]:
+        """Wait for a job to end (requeues included); its final `scontrol show job` fields."""
+        return wait_job(job_id, self.env(), timeout)
+
+    def stop(self, timeout: float = 30) -> None:
+        """Cancel the jobs, stop slurmd and slurmctld, then munged (each by the pid in its pid file)."""
+        if _pid(self.root / "run/slurmctld.pid"):
+            jobs = self.command("squeue", "-h", "-o", "%i", check=False).split()
+            if jobs:
+                self.command("scancel", *jobs, check=False)
+                _until(lambda: not self.command("squeue", "-h", "-o", "%i", check=False).strip(), timeout)
+            self.command("scontrol", "shutdown", check=False)
+        for daemon in ("slurmd", "slurmctld", "munged"):
+            pid_file = self.root / "run" / f"{daemon}.pid"
+            if daemon != "munged" and _until(lambda f=pid_file: _pid(f) is None, timeout / 2):
+                continue  # scontrol shutdown stopped it
+            if pid := _pid(pid_file):
+                os.kill(pid, signal.SIGTERM)
+                _until(lambda f=pid_file: _pid(f) is None, timeout / 2)
+
+    def log_tail(self, lines: int = 15) -> str:
+        out = []
+        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+            path = self.root / "log" / name
+            if path.is_file():
+                out.append(
+                    f"--- {path}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+                )
+        return "\n".join(out)
+
+    def __enter__(self) -> LocalSlurm:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
