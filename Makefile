@@ -134,8 +134,9 @@ demo-launch: install
 	$(PY) -c "from training.toy_shards import write_toy_shards; write_toy_shards('$(DEMO)/toy')"; \
 	$(KMOE) launch local start --root $(SLURM_ROOT); export SLURM_CONF=$(SLURM_ROOT)/slurm.conf; \
 	rm -rf $(TOY_RUN) $(DEMO)/runs/.keys/toy-slurm.*; \
-	job=$$($(KMOE) launch slurm --config configs/train/toy.yaml --set data.shards=$(DEMO)/toy --set train.steps=300 \
-	  --set checkpoint.every=50 --set train.eval_every=100 --set log.wandb=false --run-dir $(TOY_RUN) | tee /dev/stderr | sed -n 1p); \
+	out=$$($(KMOE) launch slurm --config configs/train/toy.yaml --set data.shards=$(DEMO)/toy --set train.steps=300 \
+	  --set checkpoint.every=50 --set train.eval_every=100 --set log.wandb=false --run-dir $(TOY_RUN)); \
+	echo "$$out"; job=$$(echo "$$out" | sed -n 1p); \
 	timeout 120 bash -c "until grep -qs '\"loss\"' $(TOY_RUN)/metrics.jsonl || [ -z \"\$$(squeue -h -j $$job)\" ]; do sleep 0.2; done"; \
 	sbatch --partition=urgent --cpus-per-task=2 --output=/dev/null --wrap "sleep 1"; \
 	$(KMOE) launch status $(TOY_RUN) --wait; \
