@@ -129,14 +129,14 @@ class LocalSlurm:
         self._start_munge()
         self._run(["slurmctld", "-f", str(self.conf)])
         self._run(["slurmd", "-f", str(self.conf), "-N", self.host])
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            states = set(self.command("sinfo", "-h", "-N", "-o", "%T", check=False).split())
-            if states and states <= {"idle", "mixed", "allocated"}:
-                log.info("local SLURM up: SLURM_CONF=%s", self.conf)
-                return self
-            time.sleep(0.5)
-        raise RuntimeError(f"the local SLURM node did not come up in {timeout:.0f} s:\n{self.log_tail()}")
+        if not _until(self._node_up, timeout):
+            raise RuntimeError(f"the local SLURM node did not come up in {timeout:.0f} s:\n{self.log_tail()}")
+        log.info("local SLURM up: SLURM_CONF=%s", self.conf)
+        return self
+
+    def _node_up(self) -> bool:
+        states = set(self.command("sinfo", "-h", "-N", "-o", "%T", check=False).split())
+        return bool(states) and states <= {"idle", "mixed", "allocated"}
 
     def _prepare(self) -> None:
         # munged refuses a socket folder that others cannot enter and a key that others can read.

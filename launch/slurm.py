@@ -83,11 +83,7 @@ def _absolute(path: str, base: Path) -> str:
 
 def preflight(p: LaunchPlan, submitting: bool = True) -> None:
     """What a job would fail on after waiting in the queue, checked now; a ValueError names the key."""
-    import warnings
-
-    # megatron-core (under training.data) warns on import that TransformerEngine/Apex are missing; no use here.
-    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
-    from training.data import check_sources
+    from training.data import check_sources  # sets the filter for megatron-core's TransformerEngine warning
 
     if not JOB_NAME.fullmatch(p.cfg.name):
         raise ConfigError(f"name: {p.cfg.name!r} is the SLURM job name; use letters, digits and ._+- only")

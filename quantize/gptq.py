@@ -44,10 +44,20 @@ def check_group_size(model: torch.nn.Module, group_size: int, ignore_lm_head: bo
             )
 
 
+def check_untied(model: torch.nn.Module, ignore_lm_head: bool, embedding_int8: bool) -> None:
+    """lm_head and the token embedding are quantized apart (int4 GPTQ, int8 rounding): neither may be tied."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return
+    if not ignore_lm_head:
+        raise ValueError("--quantize-lm-head: lm_head is tied to the token embedding, which stays 16-bit")
+    if embedding_int8:
+        raise ValueError(
+            "--quantize-embedding: the token embedding is tied to lm_head, which GPTQ quantizes apart"
+        )
+
+
 def ignored_modules(model: torch.nn.Module, ignore_lm_head: bool) -> list[str]:
     """Router, (lm_head), and zero-width Linears (Glm4Moe's no-op shared expert when a model has none)."""
-    if not ignore_lm_head and getattr(model.config, "tie_word_embeddings", False):
-        raise ValueError("--quantize-lm-head: lm_head is tied to the token embedding, which stays 16-bit")
     empty = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() == 0]
     return (IGNORE if ignore_lm_head else IGNORE[:1]) + empty
 
@@ -113,11 +123,8 @@ def quantize_gptq(
     tok = AutoTokenizer.from_pretrained(str(hf_dir))
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     check_group_size(model, group_size, ignore_lm_head)
+    check_untied(model, ignore_lm_head, embedding_int8)
     ignore = ignored_modules(model, ignore_lm_head)
-    if embedding_int8 and getattr(model.config, "tie_word_embeddings", False):
-        raise ValueError(
-            "--quantize-embedding: the token embedding is tied to lm_head, which GPTQ quantizes apart"
-        )
     routed = count_expert_tokens(model, sequences)
     starved = starved_experts(routed, min_expert_tokens)
     if starved and not calibrate_all_experts:

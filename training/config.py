@@ -93,9 +93,8 @@ class LaunchConfig:
     signal_grace_s: int = 300  # USR1 this long before the time limit: to finish a step and checkpoint
     rdzv_port: int = 29500  # c10d rendezvous on the first node, at this port + (job id mod 1000)
     python: str = ""  # interpreter on the nodes; "" = the one that runs `kmoe launch`
-    setup: list[str] = field(
-        default_factory=list
-    )  # shell lines first: `module load cuda`, `source .venv/...`
+    # shell lines run first: `module load cuda`, `source .venv/...`
+    setup: list[str] = field(default_factory=list)
     env: dict[str, str | int | float] = field(default_factory=dict)  # exported: NCCL_*, OMP_NUM_THREADS
     sbatch: list[str] = field(default_factory=list)  # more `#SBATCH` options: `--qos=high`, `--exclusive`
 

@@ -176,8 +176,7 @@ class Trainer:
                 if self._stop_agreed():
                     return self._stop_for_requeue()
                 self._one_step()
-            if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
-                self._checkpoint(reason="final")
+            self._checkpoint_unless_written(reason="final")
             self.ledger.close("completed")
             self.metrics.summary(self.ledger.identity())
             return 0
@@ -193,10 +192,7 @@ class Trainer:
         name = signal.Signals(self.stop.signum).name if self.stop.signum else "peer rank"
         self.metrics.event("signal", step=self.state.step, signal=name)
         self.ledger.event("signal", step=self.state.step, signal=name, action="checkpoint and requeue")
-        # The signal may have come during this step's interval checkpoint: keep it (the ledger recorded its
-        # files) rather than write the step again.
-        if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
-            self._checkpoint(reason="signal")
+        self._checkpoint_unless_written(reason="signal")
         self.ledger.close("requeue")
         self.metrics.summary(self.ledger.identity())
         if self.info.is_main:  # torchrun turns a worker's exit 75 into its own 1: launchers read this file
@@ -315,6 +311,12 @@ class Trainer:
         return True
 
     # ---- checkpoints -------------------------------------------------------------------------
+    def _checkpoint_unless_written(self, reason: str) -> None:
+        """Checkpoint this step unless its interval checkpoint (or the one resumed from) already exists: the
+        ledger recorded that one's files, so writing the step again would break them."""
+        if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
+            self._checkpoint(reason=reason)
+
     def _checkpoint(self, reason: str) -> None:
         state = self.engine.state_dict()  # collective: every rank takes part
         rng_t, rng_host = ckpt.rng_state()
