@@ -18,10 +18,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from kmoe.hashing import state_digests
-
 from .. import optim
 from ..config import RunConfig
+from ..digests import sharded_digests
 from ..parallel import DistInfo, build_model, strategy_of
 from .base import Engine, LossStats, MicroBatch, StepResult
 
@@ -113,8 +112,7 @@ class NativeEngine(Engine):
             m.load_E.zero_()
 
     def param_digests(self) -> dict[str, str]:
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-        return state_digests(get_model_state_dict(self.wrapped, options=opts))
+        return sharded_digests(get_model_state_dict(self.wrapped))  # DTensor shards under FSDP2: no gather
 
     def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
         if not self.info.initialized:
