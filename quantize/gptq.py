@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .calibration import CalibrationError, count_expert_tokens, starved_experts
+from .hfdir import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 IGNORE = ["re:.*mlp\\.gate$", "lm_head"]
@@ -116,6 +117,10 @@ def quantize_gptq(
     from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kmoe.quiet import loguru_to_logging
+
+    loguru_to_logging()  # llm-compressor prints INFO to stdout through loguru: into our logging, noise dropped
+
     if os.environ.get("OMP_NUM_THREADS") != "1":
         log.warning("OMP_NUM_THREADS is not 1: GPTQ on a small CPU crawls with thread oversubscription")
     if not sequences:
@@ -156,7 +161,7 @@ def quantize_gptq(
     out = Path(out_dir)
     model.to(torch.bfloat16)
     model.save_pretrained(str(out), save_compressed=True)
-    tok.save_pretrained(str(out))
+    copy_tokenizer_files(hf_dir, out)
     total = sum(map(len, sequences))
     return {
         "scheme": f"W{bits}A16",

@@ -1,0 +1,41 @@
+"""Known third-party noise is silenced in the command and in the processes it starts; other output is not."""
+
+import logging
+import os
+import subprocess
+import sys
+
+from kmoe import quiet
+
+# warns 'Transformer Engine and Apex are not installed' on import
+TE_IMPORT = "import megatron.core.optimizer"
+
+
+def _stderr_of(code: str, env: dict) -> str:
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True).stderr
+
+
+def test_child_processes_inherit_the_warning_filters(monkeypatch):
+    monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning:foo")
+    base = {**os.environ, "PYTHONWARNINGS": ""}
+    assert "Transformer Engine and Apex are not installed" in _stderr_of(TE_IMPORT, base)  # the noise is real
+    env = {**os.environ, "PYTHONWARNINGS": quiet.pythonwarnings()}
+    assert env["PYTHONWARNINGS"].startswith("error::DeprecationWarning:foo,")  # the user's filters kept
+    assert "Transformer Engine" not in _stderr_of(TE_IMPORT, env)
+    assert "mine" in _stderr_of("import warnings; warnings.warn('mine')", env)  # other warnings still shown
+
+
+def test_llm_compressor_moe_notice_is_dropped_and_the_rest_reaches_logging(caplog):
+    from loguru import logger
+
+    quiet.loguru_to_logging()
+    try:
+        with caplog.at_level(logging.INFO):
+            logger.warning("Detected an MoE model which has not been linearized. First load model ...")
+            logger.info("Compressing model")
+    finally:  # loguru is process-global: give the rest of the session its default handler back
+        logger.remove()
+        logger.add(sys.stderr)
+    msgs = [r.getMessage() for r in caplog.records]
+    assert msgs == ["Compressing model"]
+    assert caplog.records[0].name == __name__
