@@ -3,7 +3,8 @@
 Each entry below says why its message does not matter to a kmoe user; anything not listed is shown as usual.
 `install()` runs first in `kmoe.cli.main`:
   - Python warnings are filtered here and, through PYTHONWARNINGS, in child processes (torchrun ranks, data
-    workers, the llama.cpp child), which otherwise print the same warning once each;
+    workers, the llama.cpp child), which otherwise print the same warning once each; known log records are
+    dropped by a filter on their logger;
   - third-party progress bars are off when stderr is not a terminal: in a log file they are thousands of
     carriage-return redraws, not a story (set TQDM_DISABLE=0 / HF_HUB_DISABLE_PROGRESS_BARS=0 to keep them).
 Libraries that log through loguru (llm-compressor) are routed into Python logging by `loguru_to_logging`, with
@@ -23,8 +24,15 @@ import warnings
 WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     ("Transformer Engine and Apex are not installed", UserWarning,
      "megatron-core, imported for its indexed datasets only; kmoe never runs its fused kernels"),
-    ("is_fx_tracing will return true for both", UserWarning,
-     "torch.fx, reached through llm-compressor's sequential GPTQ tracing; no kmoe code calls it"),
+)  # fmt: skip
+
+# Python logging records dropped: (logger name, message prefix, why).
+LOG_DROP: tuple[tuple[str, str, str], ...] = (
+    ("torch.fx._symbolic_trace", "is_fx_tracing will return true for both",
+     "torch.fx advice to library authors, reached through llm-compressor's GPTQ tracing; no kmoe code calls it"),
+    ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
+     "bitsandbytes would fetch a CPU kernel from the Hugging Face Hub at run time (`kernels`); kmoe runs offline "
+     "on bitsandbytes' own CPU path, which is what the eval table's tok/s measures"),
 )  # fmt: skip
 
 # loguru messages (llm-compressor) dropped by `loguru_to_logging`: (regex, why).
@@ -38,6 +46,15 @@ LOGURU_DROP: tuple[tuple[str, str], ...] = (
 
 # Library loggers whose INFO output is bookkeeping, not results.
 LOGGER_LEVELS = {"megatron": logging.WARNING}
+
+
+class _DropPrefix(logging.Filter):
+    def __init__(self, prefix: str):
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
 
 
 def pythonwarnings() -> str:
@@ -54,6 +71,10 @@ def install(verbose: bool = False) -> None:
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    for name, prefix, _ in LOG_DROP:
+        lg = logging.getLogger(name)
+        if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in lg.filters):
+            lg.addFilter(_DropPrefix(prefix))
     if not verbose:
         for name, level in LOGGER_LEVELS.items():
             logging.getLogger(name).setLevel(level)

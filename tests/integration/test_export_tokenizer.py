@@ -84,3 +84,15 @@ def test_unknown_tokenizer_needs_no_tokenizer_and_the_card_says_so(run, tmp_path
     assert main(["export", "hf", str(lone), str(tmp_path / "y"), "--no-tokenizer"]) == 0
     assert not (tmp_path / "y" / "tokenizer.json").exists()
     assert "**No tokenizer.**" in (tmp_path / "y" / "README.md").read_text()
+
+
+def test_quantize_from_a_run_checkpoint_uses_the_runs_tokenizer(run, tmp_path):
+    import gguf
+    import sentencepiece as spm
+
+    out = tmp_path / "gguf"
+    assert main(["quantize", "--method", "gguf", "--gguf-type", "f16", str(run["ckpt"]), str(out)]) == 0
+    f = gguf.GGUFReader(str(out / "model-f16.gguf")).fields["tokenizer.ggml.tokens"]
+    tokens = [bytes(f.parts[i]).decode() for i in f.data]
+    sp = spm.SentencePieceProcessor(model_file=str(run["tok"] / "tokenizer.model"))
+    assert tokens[: sp.get_piece_size()] == [sp.id_to_piece(i) for i in range(sp.get_piece_size())]

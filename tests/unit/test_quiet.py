@@ -39,3 +39,14 @@ def test_llm_compressor_moe_notice_is_dropped_and_the_rest_reaches_logging(caplo
     msgs = [r.getMessage() for r in caplog.records]
     assert msgs == ["Compressing model"]
     assert caplog.records[0].name == __name__
+
+
+def test_known_log_records_are_dropped_others_kept(caplog):
+    quiet.install()
+    quiet.install()  # idempotent: one filter per entry
+    lg = logging.getLogger("torch.fx._symbolic_trace")
+    assert len(lg.filters) == 1
+    with caplog.at_level(logging.WARNING):
+        lg.warning("is_fx_tracing will return true for both fx.symbolic_trace and torch.export. ...")
+        lg.warning("something else")
+    assert [r.getMessage() for r in caplog.records] == ["something else"]
