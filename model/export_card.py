@@ -11,9 +11,9 @@ import yaml
 def tokenizer_section(how: str, path: Path | None, digest: str | None, ledger: Path | None) -> list[str]:
     if how == "none":
         return [
-            "**No tokenizer.** This checkpoint was exported with `--no-tokenizer`: its tokenizer is unknown "
-            "(no training ledger vouches for one), so `AutoTokenizer` cannot load this directory. Use it only "
-            "with the exact tokenizer it was trained with; any other one maps ids to the wrong text.",
+            "**No tokenizer.** This checkpoint was exported with `--no-tokenizer` (the way to export one whose "
+            "tokenizer no training ledger vouches for), so `AutoTokenizer` cannot load this directory. Use it "
+            "only with the exact tokenizer it was trained with; any other one maps ids to the wrong text.",
         ]
     checked = (
         f"Its identity `{digest}` equals the `tokenizer_hash` in the genesis record of the training ledger "

@@ -32,6 +32,10 @@ WORKER = [sys.executable, "-m", "quantize.llamacpp"]
 class BackendCrash(RuntimeError):
     """The llama.cpp child process died (a signal or a non-zero exit) instead of writing its result."""
 
+    def __init__(self, message: str, signaled: bool):
+        super().__init__(message)
+        self.signaled = signaled  # killed by a signal (SIGSEGV, SIGILL, ...), not a Python error
+
 
 def cpu_has_amx(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
     try:
@@ -117,7 +121,7 @@ def evaluate_gguf(path: Path, seqs: dict[str, list[list[int]]], prompt: list[int
     try:
         return _run_child({**job, "extra_bufts": extra})
     except BackendCrash as e:
-        if not extra:
+        if not (extra and e.signaled):
             raise
         log.warning("%s; retrying without llama.cpp's extra CPU buffer types", e)
         out = _run_child({**job, "extra_bufts": False})
@@ -140,8 +144,10 @@ def _run_child(job: dict) -> dict:
     tail = (r.stderr or r.stdout).strip()[-400:]
     if r.returncode < 0:
         sig = signal.Signals(-r.returncode).name
-        raise BackendCrash(f"llama.cpp crashed ({sig}) on {name} (use_extra_bufts={job['extra_bufts']})")
-    raise BackendCrash(f"llama.cpp child failed on {name} (exit {r.returncode}): {tail}")
+        raise BackendCrash(
+            f"llama.cpp crashed ({sig}) on {name} (use_extra_bufts={job['extra_bufts']})", True
+        )
+    raise BackendCrash(f"llama.cpp child failed on {name} (exit {r.returncode}): {tail}", False)
 
 
 def _child(job_file: str, result_file: str) -> None:

@@ -61,11 +61,16 @@ def test_a_crash_is_an_error_naming_the_signal_and_leaves_no_files(tmp_path, mon
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
-def test_a_failing_child_reports_its_stderr(tmp_path, monkeypatch):
-    _worker(monkeypatch, "import sys; sys.exit('llama_model_load: bad magic')")
-    monkeypatch.setenv("KMOE_LLAMA_EXTRA_BUFTS", "0")
-    with pytest.raises(BackendCrash, match="exit 1.*bad magic"):
+def test_a_failing_child_reports_its_stderr_and_is_not_retried(tmp_path, monkeypatch):
+    log = tmp_path / "runs.txt"
+    _worker(
+        monkeypatch,
+        f"import sys; open({str(log)!r}, 'a').write('x'); sys.exit('llama_model_load: bad magic')",
+    )
+    monkeypatch.setenv("KMOE_LLAMA_EXTRA_BUFTS", "1")
+    with pytest.raises(BackendCrash, match="exit 1.*bad magic") as e:
         evaluate_gguf(tmp_path / "m.gguf", **JOB)
+    assert not e.value.signaled and log.read_text() == "x"  # a Python error is not the AMX crash: no rerun
 
 
 def test_missing_llama_cpp_is_an_import_error(tmp_path, monkeypatch):
