@@ -23,7 +23,12 @@ import warnings
 # prefix of the message, so a prefix here may not hold ':' or ','.
 WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
     ("Transformer Engine and Apex are not installed", UserWarning,
-     "megatron-core, imported for its indexed datasets only; kmoe never runs its fused kernels"),
+     "megatron-core, printed once per process that imports it (every rank, every data worker); the datasets "
+     "kmoe reads through it need neither. An engine that runs megatron-core's fused layers on GPUs should say "
+     "once itself when TE/Apex are missing"),
+    ("Attempting to save a model with offloaded modules", UserWarning,
+     "transformers, when GPTQ saves: llm-compressor's sequential pipeline marks modules as offloaded to the CPU, "
+     "where the whole model already is; no disk offload is involved"),
 )  # fmt: skip
 
 # Python logging records dropped: (logger name, message prefix, why).
@@ -33,6 +38,9 @@ LOG_DROP: tuple[tuple[str, str, str], ...] = (
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward from kernels-community",
      "bitsandbytes would fetch a CPU kernel from the Hugging Face Hub at run time (`kernels`); kmoe runs offline "
      "on bitsandbytes' own CPU path, which is what the eval table's tok/s measures"),
+    ("DeepSpeed", "Setting accelerator to CPU",
+     "DeepSpeed's import-time accelerator guess when a library (transformers, accelerate) imports it in "
+     "passing; kmoe picks devices through torch, not DeepSpeed's accelerator"),
 )  # fmt: skip
 
 # loguru messages (llm-compressor) dropped by `loguru_to_logging`: (regex, why).
@@ -71,6 +79,8 @@ def install(verbose: bool = False) -> None:
     if not sys.stderr.isatty():
         os.environ.setdefault("TQDM_DISABLE", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ.get("TQDM_DISABLE") == "1":
+        _tqdm_off()
     for name, prefix, _ in LOG_DROP:
         lg = logging.getLogger(name)
         if not any(isinstance(f, _DropPrefix) and f.prefix == prefix for f in lg.filters):
@@ -80,9 +90,27 @@ def install(verbose: bool = False) -> None:
             logging.getLogger(name).setLevel(level)
 
 
+def _tqdm_off() -> None:
+    """TQDM_DISABLE only changes tqdm's default, and llm-compressor / compressed-tensors pass `disable=` explicitly:
+    make it win over those too (every bar is a subclass of tqdm.std.tqdm)."""
+    import tqdm.std
+
+    init = tqdm.std.tqdm.__init__
+    if getattr(init, "kmoe_off", False):
+        return
+
+    def off(self, *args, **kwargs):
+        kwargs["disable"] = True
+        init(self, *args, **kwargs)
+
+    off.kmoe_off = True
+    tqdm.std.tqdm.__init__ = off
+
+
 def loguru_to_logging() -> None:
-    """Send loguru records (llm-compressor configures loguru to print INFO on stdout) to Python logging under
-    the emitting module's name, minus LOGURU_DROP; call after importing the library."""
+    """Send loguru records to Python logging under the emitting module's name: INFO and METRIC records (per-module
+    bookkeeping of llm-compressor, which prints them on stdout) as DEBUG, each warning once, LOGURU_DROP never.
+    Call after importing the library (llm-compressor resets loguru's handlers on import)."""
     from loguru import logger
 
     drop = re.compile("|".join(f"(?:{p})" for p, _ in LOGURU_DROP))
@@ -90,13 +118,32 @@ def loguru_to_logging() -> None:
 
     def sink(message) -> None:
         rec = message.record
-        if drop.search(rec["message"]) or rec["message"] in seen:
+        level = rec["level"].no  # loguru's level numbers are logging's
+        if rec["level"].name == "METRIC" or level < logging.WARNING:
+            level = logging.DEBUG
+        if drop.search(rec["message"]) or (level >= logging.WARNING and rec["message"] in seen):
             return
-        if rec["extra"].get("log_once"):  # llm-compressor's `logger.bind(log_once=True)`
-            seen.add(rec["message"])
-        # loguru's level numbers are logging's; llm-compressor's METRIC (38) is per-module GPTQ bookkeeping
-        level = logging.DEBUG if rec["level"].name == "METRIC" else rec["level"].no
+        seen.add(rec["message"])
         logging.getLogger(rec["name"] or "loguru").log(level, "%s", rec["message"])
 
+    if "METRIC" not in logger._core.levels:  # defined by llm-compressor's configure_logger, skipped at import
+        logger.level("METRIC", no=38)
     logger.remove()
+    logger.enable("llmcompressor")
     logger.add(sink, level="DEBUG", format="{message}")
+
+
+def quiet_import_llmcompressor():
+    """`llmcompressor`, imported without its import-time console output, then routed by loguru_to_logging."""
+    key = "LLM_COMPRESSOR_LOG_DISABLED"  # read by the configure_logger that runs on import
+    before = os.environ.get(key)
+    os.environ[key] = "true"
+    try:
+        import llmcompressor
+    finally:
+        if before is None:
+            del os.environ[key]
+        else:
+            os.environ[key] = before
+    loguru_to_logging()
+    return llmcompressor

@@ -114,12 +114,11 @@ def quantize_gptq(
 ) -> dict:
     """Write a compressed-tensors GPTQ artifact to `out_dir`; returns params and per-expert token counts."""
     from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kmoe.quiet import loguru_to_logging
+    from kmoe.quiet import quiet_import_llmcompressor
 
-    loguru_to_logging()  # llm-compressor prints INFO to stdout through loguru: into our logging, noise dropped
+    oneshot = quiet_import_llmcompressor().oneshot  # its loguru output into our logging, known noise dropped
 
     if os.environ.get("OMP_NUM_THREADS") != "1":
         log.warning("OMP_NUM_THREADS is not 1: GPTQ on a small CPU crawls with thread oversubscription")
