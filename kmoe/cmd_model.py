@@ -32,7 +32,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", help="a kmoe checkpoint directory (model.safetensors + config.yaml)")
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--tokenizer", help="tokenizer directory to include (default: none)")
+    tok = p.add_mutually_exclusive_group()
+    tok.add_argument("--tokenizer", help="tokenizer directory to include (default: the checkpoint's run's, "
+                     "found from its config and checked against its ledger)")  # fmt: skip
+    tok.add_argument("--no-tokenizer", action="store_true",
+                     help="export without a tokenizer (for a checkpoint whose tokenizer is unknown); "
+                     "the model card says so")  # fmt: skip
     p.add_argument(
         "--verify", action="store_true", help="load with transformers and compare logits with ours"
     )
@@ -118,11 +123,25 @@ def cmd_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from kmoe.run_tokenizer import RunTokenizer, checkpoint_tokenizer
+    from model.export_card import export_card, tokenizer_section
     from model.export_hf import export_hf
 
-    summary = export_hf(args.checkpoint, args.out_dir, dtype=args.dtype, tokenizer_dir=args.tokenizer)
+    if args.no_tokenizer:
+        tok = RunTokenizer(None, None, "none", None)
+    else:
+        tok = checkpoint_tokenizer(args.checkpoint, args.tokenizer)  # before any tensor is read
+    summary = export_hf(args.checkpoint, args.out_dir, dtype=args.dtype, tokenizer_dir=tok.path)
+    section = tokenizer_section(tok.how, tok.path, tok.digest, tok.ledger)
+    card = export_card(args.dtype, summary["total_params"], section)
+    (Path(args.out_dir) / "README.md").write_text(card, encoding="utf-8")
+    said = {"run": f"the run's tokenizer {tok.path} (matches the ledger)", "none": "NO tokenizer (--no-tokenizer)",
+            "given": f"tokenizer {tok.path}" + (" (matches the ledger)" if tok.ledger else "")}[tok.how]  # fmt: skip
     emit(
-        f"exported {args.checkpoint} -> {args.out_dir} as Glm4MoeForCausalLM ({len(summary['shards'])} shard(s))"
+        f"exported {args.checkpoint} -> {args.out_dir} as Glm4MoeForCausalLM ({len(summary['shards'])} shard(s)), "
+        f"with {said}"
     )
     if args.verify:
         from model.hf_check import compare_logits

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import tempfile
 from pathlib import Path
 
@@ -105,7 +107,7 @@ def cmd_eval(a: argparse.Namespace, source: Path, artifacts: list[Path]) -> int:
     for p in artifacts:
         if not p.exists():
             raise ValueError(f"ARTIFACT {p}: no such file or directory")
-    with tempfile.TemporaryDirectory(prefix="kmoe-eval-") as work:
+    with terminate_as_exit(), tempfile.TemporaryDirectory(prefix="kmoe-eval-") as work:
         hf = resolve_source(source, Path(work), a.tokenizer)
         require_tokenizer(hf)
         report = evaluate(
@@ -114,4 +116,21 @@ def cmd_eval(a: argparse.Namespace, source: Path, artifacts: list[Path]) -> int:
     emit(table(report))
     if a.json_out:
         Path(a.json_out).write_text(json.dumps(report, indent=1) + "\n")
-    return 0
+    failed = [r["artifact"] for r in report["rows"] if r.get("error")]
+    if failed:
+        emit(f"kmoe quantize eval: {len(failed)} artifact(s) could not be evaluated: {', '.join(failed)}")
+    return 1 if failed else 0
+
+
+@contextlib.contextmanager
+def terminate_as_exit():
+    """SIGTERM (a job scheduler, `timeout`) unwinds like Ctrl-C, so temporary directories are removed."""
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -1,8 +1,9 @@
 """`kmoe quantize eval`: size, held-out perplexity per language and CPU generation speed, per artifact.
 
 Perplexity is computed on the same token sequences for the source and every artifact (teacher-forced, mean
-token NLL, exp). GGUF files run in llama.cpp through `llama-cpp-python`; when it is not installed their rows
-carry sizes only and say why.
+token NLL, exp). GGUF files run in llama.cpp through `llama-cpp-python`, in a child process each
+(quantize/llamacpp.py): when it is not installed their rows carry sizes only and say why; when llama.cpp
+crashes the row carries the error and the other rows are still measured.
 """
 
 from __future__ import annotations
@@ -52,39 +53,6 @@ class HFRunner:
         return toks
 
 
-class LlamaRunner:
-    """The same for a GGUF file in llama.cpp (f32 KV cache, so differences come from the weights)."""
-
-    def __init__(self, path: Path, n_ctx: int):
-        from llama_cpp import GGML_TYPE_F32, Llama
-
-        self.llm = Llama(
-            model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=1, verbose=False,
-            type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, seed=0,
-        )  # fmt: skip
-
-    def nll(self, seq: list[int]) -> tuple[float, int]:
-        import numpy as np
-
-        self.llm.reset()
-        self.llm.eval(seq)
-        logits = np.asarray(self.llm.scores[: len(seq) - 1], dtype=np.float64)
-        logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
-        return float((logz - logits[np.arange(len(seq) - 1), seq[1:]]).sum()), len(seq) - 1
-
-    def close(self) -> None:
-        self.llm.close()
-
-    def generate(self, ids: list[int], n: int) -> list[int]:
-        self.llm.reset()
-        out = []
-        for tok in self.llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            out.append(int(tok))
-            if len(out) == n:
-                break
-        return out
-
-
 def artifact_kind(path: Path) -> tuple[str, str, Path]:
     """(method, table label, file or dir to open) for an artifact dir or a .gguf file."""
     qj = path / "quantization.json"
@@ -105,12 +73,10 @@ def artifact_kind(path: Path) -> tuple[str, str, Path]:
     return method, method, path
 
 
-def open_artifact(method: str, path: Path, n_ctx: int):
-    """A runner for the artifact; ImportError when it needs llama-cpp-python and that is not installed."""
+def open_artifact(method: str, path: Path):
+    """A runner for a transformers-loadable artifact (GPTQ, bitsandbytes, an HF dir)."""
     from transformers import AutoModelForCausalLM
 
-    if method == "gguf":
-        return LlamaRunner(path, n_ctx)
     if method in ("nf4", "int8"):
         from .bnb import load_bnb
 
@@ -164,19 +130,7 @@ def evaluate(source_hf: Path, artifacts: list[Path], eval_paths: list[str], seq_
     ]
     del src_runner
     for a in artifacts:
-        method, label, target = artifact_kind(a)
-        try:
-            runner = open_artifact(method, target, seq_len + gen_tokens + 8)
-        except ImportError as e:
-            note = f"{label}: sizes only, llama-cpp-python is not installed (`make llama-cpp`): {e}"
-            log.warning(note)
-            rows.append({**_row(label, a, params, bf16, None, base_ppl, None, None, base_toks), "note": note})
-            continue
-        ppl = perplexity(runner, seqs)
-        speed, toks = tokens_per_s(runner, prompt, gen_tokens)
-        if hasattr(runner, "close"):
-            runner.close()
-        rows.append(_row(label, a, params, bf16, ppl, base_ppl, speed, toks, base_toks))
+        rows.append(_artifact_row(a, seqs, prompt, gen_tokens, seq_len, (params, bf16, base_ppl, base_toks)))
     return {
         "params": params,
         "bf16_bytes": bf16,
@@ -184,6 +138,30 @@ def evaluate(source_hf: Path, artifacts: list[Path], eval_paths: list[str], seq_
         "eval": C.docs_record(docs, seqs, None),
         "rows": rows,
     }
+
+
+def _artifact_row(a: Path, seqs, prompt, gen_tokens: int, seq_len: int, base: tuple) -> dict:
+    """One artifact's row; a GGUF file runs in a llama.cpp child process, whose crash becomes the row's error."""
+    from .llamacpp import BackendCrash, evaluate_gguf
+
+    params, bf16, base_ppl, base_toks = base
+    method, label, target = artifact_kind(a)
+    if method != "gguf":
+        runner = open_artifact(method, target)
+        ppl = perplexity(runner, seqs)
+        speed, toks = tokens_per_s(runner, prompt, gen_tokens)
+        return _row(label, a, params, bf16, ppl, base_ppl, speed, toks, base_toks)
+    try:
+        got = evaluate_gguf(target, seqs, prompt, gen_tokens, n_ctx=seq_len + gen_tokens + 8)
+    except ImportError as e:
+        note = f"sizes only, llama-cpp-python is not installed (`make llama-cpp`): {e}"
+        log.warning("%s: %s", label, note)
+        return {**_row(label, a, params, bf16, None, base_ppl, None, None, base_toks), "note": note}
+    except BackendCrash as e:
+        log.error("%s: %s", label, e)
+        return {**_row(label, a, params, bf16, None, base_ppl, None, None, base_toks), "error": str(e)}
+    row = _row(label, a, params, bf16, got["ppl"], base_ppl, got["tokens_per_s"], got["tokens"], base_toks)
+    return {**row, "note": got["note"]} if "note" in got else row
 
 
 def _row(label, path, params, bf16, ppl, base, speed, toks, base_toks) -> dict:
@@ -223,4 +201,7 @@ def table(report: dict) -> str:
         match = f"{r['greedy_prefix_match']:>8}" if r["greedy_prefix_match"] is not None else f"{'n/a':>8}"
         lines.append(f"{r['artifact']:<{w}}{r['bytes_on_disk']:>11,}{r['bytes_per_param']:>9.3f}{r['x_bf16']:>8.3f}"
                      + "".join(cells) + speed + match)  # fmt: skip
+    for r in report["rows"]:
+        if r.get("error") or r.get("note"):
+            lines.append(f"  {r['artifact']}: {'error: ' + r['error'] if r.get('error') else r['note']}")
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Our tokenizer as llama.cpp tokenizer metadata.
 
 Two kinds are supported, picked from the files beside the model:
-  tokenizer.model (sentencepiece)  -> tokenizer.ggml.model "llama" (SPM): pieces, scores, token types,
-                                      add_space_prefix from the model's add_dummy_prefix
+  tokenizer.model (sentencepiece)  -> tokenizer.ggml.model "llama" (SPM): pieces, scores, token types and
+                                      unk/bos/eos/pad ids exactly as the model holds them, add_space_prefix
+                                      from its add_dummy_prefix
   tokenizer.json byte-level BPE    -> tokenizer.ggml.model "gpt2" with merges and pre-tokenizer "gpt-2"
                                       (the GPT-2 split regex, which `pre_tokenizers.ByteLevel` uses)
 The vocabulary is padded with unused tokens up to the model's vocab_size, since llama.cpp sizes the
@@ -43,7 +44,11 @@ def add_vocab(w: gguf.GGUFWriter, d: Path, vocab_size: int, ids: dict[str, int])
     """Write tokenizer metadata for the tokenizer in `d`; returns the llama.cpp tokenizer model name."""
     space_prefix = None
     if (d / "tokenizer.model").is_file():
-        tokens, scores, types, space_prefix = _spm(d / "tokenizer.model")
+        tokens, scores, types, space_prefix, sp_ids = _spm(d / "tokenizer.model")
+        clash = {k: (v, sp_ids.get(k)) for k, v in ids.items() if k in sp_ids and sp_ids[k] != v}
+        if clash:
+            raise VocabError(f"{d}: special ids {clash} (config, tokenizer.model) disagree")
+        ids = {**ids, **sp_ids}
         kind = "llama"
     elif (d / "tokenizer.json").is_file():
         tokens, types, merges = _bpe(d / "tokenizer.json")
@@ -81,32 +86,25 @@ def add_vocab(w: gguf.GGUFWriter, d: Path, vocab_size: int, ids: dict[str, int])
     return kind
 
 
-def _spm(path: Path) -> tuple[list[str], list[float], list[int], bool]:
-    import sentencepiece as spm
+def _spm(path: Path) -> tuple[list[str], list[float], list[int], bool, dict[str, int]]:
+    """Pieces, scores and piece types exactly as the sentencepiece model holds them (sentencepiece's
+    ModelProto.SentencePiece.Type numbers NORMAL..BYTE are GGUF's TokenType numbers), its add_dummy_prefix,
+    and its unk/bos/eos/pad ids."""
     from sentencepiece import sentencepiece_model_pb2 as pb
 
-    sp = spm.SentencePieceProcessor(model_file=str(path))
     proto = pb.ModelProto()
     proto.ParseFromString(path.read_bytes())
     if proto.trainer_spec.model_type not in (1, 2):  # 1 unigram, 2 bpe
         raise VocabError(
             f"{path}: sentencepiece model type {proto.trainer_spec.model_type} is not unigram/BPE"
         )
-    tokens, scores, types = [], [], []
-    for i in range(sp.get_piece_size()):
-        tokens.append(sp.id_to_piece(i))
-        scores.append(sp.get_score(i))
-        if sp.is_unknown(i):
-            types.append(gguf.TokenType.UNKNOWN)
-        elif sp.is_control(i):
-            types.append(gguf.TokenType.CONTROL)
-        elif sp.is_unused(i):
-            types.append(gguf.TokenType.UNUSED)
-        elif sp.is_byte(i):
-            types.append(gguf.TokenType.BYTE)
-        else:
-            types.append(gguf.TokenType.NORMAL)
-    return tokens, scores, types, bool(proto.normalizer_spec.add_dummy_prefix)
+    tokens = [p.piece for p in proto.pieces]
+    scores = [p.score for p in proto.pieces]
+    types = [gguf.TokenType(p.type) for p in proto.pieces]
+    spec = proto.trainer_spec
+    ids = {k: i for k, i in (("unk", spec.unk_id), ("bos", spec.bos_id), ("eos", spec.eos_id),
+                             ("pad", spec.pad_id)) if i >= 0}  # fmt: skip
+    return tokens, scores, types, bool(proto.normalizer_spec.add_dummy_prefix), ids
 
 
 def _bpe(path: Path) -> tuple[list[str], list[int], list[str]]:

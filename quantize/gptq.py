@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from .calibration import CalibrationError, count_expert_tokens, starved_experts
+from .hfdir import copy_tokenizer_files
 
 log = logging.getLogger(__name__)
 IGNORE = ["re:.*mlp\\.gate$", "lm_head"]
@@ -113,8 +114,11 @@ def quantize_gptq(
 ) -> dict:
     """Write a compressed-tensors GPTQ artifact to `out_dir`; returns params and per-expert token counts."""
     from datasets import Dataset
-    from llmcompressor import oneshot
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kmoe.quiet import quiet_import_llmcompressor
+
+    oneshot = quiet_import_llmcompressor().oneshot  # its loguru output into our logging, known noise dropped
 
     if os.environ.get("OMP_NUM_THREADS") != "1":
         log.warning("OMP_NUM_THREADS is not 1: GPTQ on a small CPU crawls with thread oversubscription")
@@ -156,7 +160,7 @@ def quantize_gptq(
     out = Path(out_dir)
     model.to(torch.bfloat16)
     model.save_pretrained(str(out), save_compressed=True)
-    tok.save_pretrained(str(out))
+    copy_tokenizer_files(hf_dir, out)
     total = sum(map(len, sequences))
     return {
         "scheme": f"W{bits}A16",

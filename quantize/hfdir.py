@@ -11,14 +11,27 @@ import torch
 from safetensors.torch import load_file
 
 log = logging.getLogger(__name__)
-SIDE_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "chat_template.jinja",
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "chat_template.jinja"
 )  # fmt: skip
+SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def is_kmoe_checkpoint(path: Path) -> bool:
     return (path / "config.yaml").is_file() and (path / "model.safetensors").is_file()
+
+
+def source_tokenizer(source: Path, tokenizer: str | Path | None) -> str | Path | None:
+    """--tokenizer as given, or for a kmoe checkpoint its training run's tokenizer; for a checkpoint inside a run
+    the tokenizer must be the one its ledger records (kmoe.run_tokenizer)."""
+    if is_kmoe_checkpoint(source):
+        from kmoe.run_tokenizer import checkpoint_tokenizer
+
+        hint = "pass --tokenizer DIR (the tokenizer it was trained with)"
+        return checkpoint_tokenizer(source, tokenizer, hint).path
+    if tokenizer and not (Path(tokenizer) / "tokenizer.json").is_file():
+        raise ValueError(f"--tokenizer {tokenizer}: no tokenizer.json")
+    return tokenizer
 
 
 def resolve_source(source: str | Path, work_dir: Path, tokenizer: str | Path | None = None) -> Path:
@@ -26,6 +39,7 @@ def resolve_source(source: str | Path, work_dir: Path, tokenizer: str | Path | N
     src = Path(source)
     if not src.is_dir():
         raise ValueError(f"SOURCE {src}: no such directory (want a kmoe checkpoint or an HF export)")
+    tokenizer = source_tokenizer(src, tokenizer)
     if (src / "config.json").is_file():
         if not tokenizer:
             return src
@@ -33,7 +47,7 @@ def resolve_source(source: str | Path, work_dir: Path, tokenizer: str | Path | N
         view = work_dir / "source-hf"
         view.mkdir(parents=True)
         for f in src.iterdir():
-            if f.is_file() and f.name not in SIDE_FILES[2:]:
+            if f.is_file() and f.name not in TOKENIZER_FILES:
                 (view / f.name).symlink_to(f.resolve())
         _copy_tokenizer(Path(tokenizer), view)
         return view
@@ -49,7 +63,7 @@ def resolve_source(source: str | Path, work_dir: Path, tokenizer: str | Path | N
 def _copy_tokenizer(tok: Path, dst: Path) -> None:
     if not (tok / "tokenizer.json").is_file():
         raise ValueError(f"--tokenizer {tok}: no tokenizer.json")
-    for name in (*SIDE_FILES[2:], "kmoe_tokenizer.json"):
+    for name in (*TOKENIZER_FILES, "kmoe_tokenizer.json"):
         if (tok / name).is_file():
             shutil.copy2(tok / name, dst / name)
 
@@ -91,6 +105,19 @@ def copy_side_files(hf_dir: str | Path, out: Path) -> None:
     for name in SIDE_FILES:
         if (Path(hf_dir) / name).is_file():
             shutil.copy2(Path(hf_dir) / name, out / name)
+
+
+def copy_tokenizer_files(hf_dir: str | Path, out: Path) -> list[str]:
+    """Give `out` exactly the tokenizer files of `hf_dir`, byte for byte: a re-save by `transformers` rewrites
+    them (tokenizer.json re-serialised, tokenizer.model dropped, `is_local` flags added), so we copy instead
+    and remove any tokenizer file the source does not have."""
+    names = [n for n in TOKENIZER_FILES if (Path(hf_dir) / n).is_file()]
+    for n in TOKENIZER_FILES:
+        if n not in names:
+            (out / n).unlink(missing_ok=True)
+    for n in names:
+        shutil.copy2(Path(hf_dir) / n, out / n)
+    return names
 
 
 def bytes_on_disk(path: str | Path) -> int:

@@ -96,23 +96,19 @@ def ledger_head(source: str | Path) -> str | None:
     """sha256 of the canonical JSON of the last record of the run's ledger.jsonl (the `prev` the next record
     would carry, see training/ledger.py) when the source lives in a run dir (looked up to three levels up:
     runs/<name>/checkpoints/step-N/); None when there is none."""
-    p = Path(source).resolve()
-    for d in [p, *list(p.parents)[:3]]:
-        ledger = d / "ledger.jsonl"
-        if ledger.is_file():
-            lines = [
-                ln for ln in ledger.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()
-            ]
-            for n, line in reversed(list(enumerate(lines, 1))):
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    log.warning(
-                        "%s:%d: torn ledger line (crash mid-write); head is the record before it", ledger, n
-                    )
-                    continue
-                return sha256_json(record)
-            return None
+    from kmoe.run_tokenizer import find_ledger
+
+    ledger = find_ledger(source)
+    if ledger is None:
+        return None
+    lines = [ln for ln in ledger.read_text(encoding="utf-8", errors="replace").splitlines() if ln.strip()]
+    for n, line in reversed(list(enumerate(lines, 1))):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            log.warning("%s:%d: torn ledger line (crash mid-write); head is the record before it", ledger, n)
+            continue
+        return sha256_json(record)
     return None
 
 

@@ -15,7 +15,16 @@ LOADERS = {
         "gguf",
         "For llama.cpp (GLM4_MOE architecture, tokenizer embedded):\n\n"
         "```sh\nllama-cli -m {file} -p '안녕하세요'\n```\n\n"
-        "or `llama_cpp.Llama(model_path='{file}')` from `llama-cpp-python`.",
+        "or `llama_cpp.Llama(model_path='{file}')` from `llama-cpp-python`.\n\n"
+        "**CPUs with AMX** (`amx_int8` in /proc/cpuinfo, e.g. Xeon Sapphire Rapids and later): some llama.cpp "
+        "builds crash (SIGSEGV or SIGILL) decoding q8_0/q4_0 files while weights are repacked for AMX "
+        "(ggml-org/llama.cpp#20824). If yours does, turn repacking off: `llama-cli --no-repack ...`; in "
+        "`llama-cpp-python`, `Llama(use_extra_bufts=False)` is silently ignored, so set it on the model "
+        "parameters instead (`quantize.llamacpp.open_llama` in kmoe does this, and does it by default on AMX "
+        "CPUs):\n\n"
+        "```python\nimport llama_cpp, llama_cpp.llama_cpp as C\ndefault = C.llama_model_default_params\n"
+        "def no_repack():\n    p = default()\n    p.use_extra_bufts = False\n    return p\n"
+        "C.llama_model_default_params = no_repack\nllm = llama_cpp.Llama(model_path='{file}')\n```",
     ),
     "bnb": (
         "kmoe",
@@ -62,6 +71,10 @@ def model_card(method: str, qjson: dict, files: list[str]) -> str:
         *_kept(method, params),
         "",
         *_expert_table(params),
+        "## Tokenizer",
+        "",
+        _tokenizer_note(method, params),
+        "",
         "## Provenance",
         "",
         f"- source: `{qjson['source']['kind']}` with Merkle root `{qjson['source']['merkle_root']}`",
@@ -97,6 +110,18 @@ def _kept(method: str, params: dict) -> list[str]:
             "expert included, is quantized"
         ]
     return ["- kept in F32: router (`ffn_gate_inp`), `exp_probs_b`, norms"]
+
+
+def _tokenizer_note(method: str, params: dict) -> str:
+    if method == "gguf":
+        kind = params.get("tokenizer")
+        what = {"llama": "the sentencepiece model's pieces, scores, token types and unk/bos/eos/pad ids, exactly",
+                "gpt2": "tokenizer.json's byte-level BPE vocabulary and merges"}.get(kind, "the tokenizer")  # fmt: skip
+        return f"Embedded in the GGUF file: {what}, from the source model's tokenizer."
+    return (
+        "The tokenizer files are the source model's, byte for byte (from a kmoe checkpoint: its training run's "
+        "tokenizer, checked against the run's ledger)."
+    )
 
 
 def _expert_table(params: dict) -> list[str]:

@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from . import calibration as C
-from .hfdir import is_kmoe_checkpoint, require_tokenizer, resolve_source
+from .hfdir import require_tokenizer, resolve_source, source_tokenizer
 from .manifest import ledger_head, sign_artifact, source_digest
 from .modelcard import model_card
 
@@ -59,20 +59,11 @@ def check_options(opts: QuantizeOptions, out: Path) -> None:
     C.parse_mix(opts.mix)
 
 
-def check_source(source: Path, tokenizer: str | None) -> None:
-    if is_kmoe_checkpoint(source) and not tokenizer:
-        raise ValueError(
-            f"SOURCE {source} is a kmoe checkpoint, which holds no tokenizer: pass --tokenizer DIR"
-        )
-    if tokenizer and not (Path(tokenizer) / "tokenizer.json").is_file():
-        raise ValueError(f"--tokenizer {tokenizer}: no tokenizer.json")
-
-
 def quantize(source: str | Path, out_dir: str | Path, opts: QuantizeOptions) -> dict:
     """Quantize, then write quantization.json, README.md and the signed manifest; returns quantization.json."""
     out = Path(out_dir)
     check_options(opts, out)
-    check_source(Path(source), opts.tokenizer)
+    source_tokenizer(Path(source), opts.tokenizer)  # a tokenizer problem fails before any model loads
     if out.exists():
         shutil.rmtree(out)  # a previous artifact (checked above): no stale file may enter the new manifest
     out.mkdir(parents=True)

@@ -38,7 +38,14 @@ def test_smoke_then_export_verify(repo_root, tmp_path):
     ck, hf = tmp_path / "ck", tmp_path / "hf"
     r = _kmoe("model", "smoke", "--config", "configs/model/tiny.yaml", "--out", str(ck), cwd=repo_root)
     assert r.returncode == 0, r.stderr
-    r = _kmoe("export", "hf", str(ck), str(hf), "--dtype", "float32", "--verify", cwd=repo_root)
+    # A smoke checkpoint belongs to no training run: its tokenizer is unknown, and export says how to go on.
+    r = _kmoe("export", "hf", str(ck), str(hf), "--dtype", "float32", cwd=repo_root)
+    assert r.returncode == 2 and "tokenizer is unknown" in r.stderr and "--no-tokenizer" in r.stderr, r.stderr
+    assert not hf.exists()
+    r = _kmoe(
+        "export", "hf", str(ck), str(hf), "--dtype", "float32", "--verify", "--no-tokenizer", cwd=repo_root
+    )
     assert r.returncode == 0, r.stderr
+    assert "No tokenizer" in (hf / "README.md").read_text() and not (hf / "tokenizer.json").exists()
     diff = float(r.stdout.split("max |logit diff| vs kmoe = ")[1].split()[0])
     assert diff <= 1e-4

@@ -270,3 +270,86 @@ def test_gptq_calibrates_and_eval_reads_disjoint_halves_of_token_shards(trained,
     }
     _run("eval", trained["hf"], tmp_path / "gptq", "--eval-data", shards, "--seq-len", "64", "--max-seqs", "2",
          "--gen-tokens", "4")  # fmt: skip
+
+
+def _gguf_vocab(path):
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+
+    def arr(key):
+        f = r.fields[key]
+        return [f.parts[i].tolist()[0] for i in f.data]
+
+    f = r.fields["tokenizer.ggml.tokens"]
+    keys = {"unk": "unknown", "bos": "bos", "eos": "eos", "pad": "padding"}
+    ids = {k: r.fields[f"tokenizer.ggml.{g}_token_id"].parts[-1].tolist()[0]
+           for k, g in keys.items() if f"tokenizer.ggml.{g}_token_id" in r.fields}  # fmt: skip
+    tokens = [bytes(f.parts[i]).decode() for i in f.data]
+    return tokens, arr("tokenizer.ggml.scores"), arr("tokenizer.ggml.token_type"), ids
+
+
+def test_every_artifact_carries_the_exact_tokenizer(trained, gptq, gptq_small, tmp_path):
+    """GPTQ and bitsandbytes artifacts hold the source's tokenizer files byte for byte (and no other), with no
+    local-path flags; GGUF embeds the sentencepiece model's vocabulary exactly."""
+    import sentencepiece as spm
+    from sentencepiece import sentencepiece_model_pb2 as pb
+    from transformers import AutoTokenizer
+
+    from quantize.hfdir import TOKENIZER_FILES
+    from quantize.samples import SAMPLE_TEXTS
+
+    src = trained["hf"]
+    want = {n: (src / n).read_bytes() for n in TOKENIZER_FILES if (src / n).is_file()}
+    assert "tokenizer.model" in want and "tokenizer.json" in want
+    for m in ("nf4", "int8"):
+        _run("--method", m, src, tmp_path / m)
+    ref = AutoTokenizer.from_pretrained(str(src))
+    texts = [t for ts in SAMPLE_TEXTS.values() for t in ts[:3]]
+    for art in (gptq, gptq_small, tmp_path / "nf4", tmp_path / "int8"):
+        got = {n: (art / n).read_bytes() for n in TOKENIZER_FILES if (art / n).is_file()}
+        assert got == want, (art, sorted(got), sorted(want))
+        cfg = json.loads(got["tokenizer_config.json"])
+        assert "is_local" not in cfg and "local_files_only" not in cfg
+        tok = AutoTokenizer.from_pretrained(str(art))
+        assert [tok(t)["input_ids"] for t in texts] == [ref(t)["input_ids"] for t in texts]
+    _run("--method", "gguf", "--gguf-type", "q8_0", src, tmp_path / "gguf")
+    tokens, scores, types, ids = _gguf_vocab(tmp_path / "gguf" / "model-q8_0.gguf")
+    proto = pb.ModelProto()
+    proto.ParseFromString(want["tokenizer.model"])
+    sp = spm.SentencePieceProcessor(model_proto=want["tokenizer.model"])
+    n = sp.get_piece_size()
+    assert tokens[:n] == [sp.id_to_piece(i) for i in range(n)]
+    assert scores[:n] == [sp.get_score(i) for i in range(n)]
+    assert types[:n] == [p.type for p in proto.pieces]  # sentencepiece and GGUF number piece types alike
+    assert (
+        set(types[n:]) <= {5} and len(tokens) == json.loads((src / "config.json").read_text())["vocab_size"]
+    )
+    assert ids == {"unk": sp.unk_id(), "bos": sp.bos_id(), "eos": sp.eos_id(), "pad": sp.pad_id()}
+
+
+def test_eval_reports_a_crashed_backend_as_a_row_error_and_cleans_up(trained, tmp_path, monkeypatch, capsys):
+    """llama.cpp dying (here a real SIGSEGV in the child that stands in for it) costs its row, not the run; the
+    other rows are measured, the command exits 1 and no temporary directory is left behind."""
+    import sys
+    import tempfile
+
+    from quantize import llamacpp
+
+    _run("--method", "gguf", "--gguf-type", "q8_0", trained["hf"], tmp_path / "gguf")
+    _run("--method", "int8", trained["hf"], tmp_path / "int8")
+    monkeypatch.setattr(llamacpp, "WORKER", [sys.executable, "-c", "import ctypes; ctypes.string_at(0)"])
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    capsys.readouterr()
+    rep = tmp_path / "eval.json"
+    # --tokenizer makes eval build a work dir (kmoe-eval-*) beside the GGUF child's own (kmoe-eval-gguf-*)
+    assert main(["quantize", "eval", str(trained["hf"]), str(tmp_path / "gguf"), str(tmp_path / "int8"),
+                 "--tokenizer", str(trained["tokenizer"]), "--eval-data", str(trained["text"]), "--seq-len", "32",
+                 "--max-seqs", "2", "--gen-tokens", "4", "--json", str(rep)]) == 1  # fmt: skip
+    out = capsys.readouterr().out
+    assert "could not be evaluated: gguf q8_0" in out and "error: llama.cpp crashed (SIGSEGV)" in out
+    rows = {r["artifact"]: r for r in json.loads(rep.read_text())["rows"]}
+    assert rows["gguf q8_0"]["ppl"] is None and "SIGSEGV" in rows["gguf q8_0"]["error"]
+    assert set(rows["int8"]["ppl"]) == {"ko", "en", "ja", "code"}
+    assert list((tmp_path / "tmp").iterdir()) == []

@@ -16,6 +16,7 @@ import torch
 from kmoe.cli import main
 from quantize.devtools import build_all
 from quantize.evaluate import HFRunner
+from quantize.llamacpp import open_llama
 from quantize.samples import KOREAN_PROMPT, SAMPLE_TEXTS
 
 SAMPLE = [texts[i] for texts in SAMPLE_TEXTS.values() for i in (0, 2)] + [
@@ -47,7 +48,7 @@ def llama_cpp():
 @pytest.mark.parametrize("tokenizer", ["sp", "bpe"])
 def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # torch and llama.cpp share this process
-    lc = llama_cpp()
+    llama_cpp()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t = build_all(tmp_path / "m", steps=60, tokenizer=tokenizer)
@@ -63,8 +64,7 @@ def test_gguf_loads_in_llamacpp_and_greedy_matches_on_korean(tmp_path, tokenizer
     for qt in ("f32", "f16", "q8_0", "q4_0", "q4_k_m"):  # q4_k_m: requantized by llama.cpp itself
         out = tmp_path / qt
         assert main(["quantize", "--method", "gguf", "--gguf-type", qt, str(t["hf"]), str(out)]) == 0
-        llm = lc.Llama(model_path=str(out / f"model-{qt}.gguf"), n_ctx=128, logits_all=True, n_threads=1,
-                       verbose=False, type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)  # fmt: skip
+        llm = open_llama(out / f"model-{qt}.gguf", n_ctx=128)  # f32 KV; no AMX repacking on AMX CPUs
         # our tokenizer, embedded in the GGUF, tokenizes Korean exactly as the HF tokenizer does
         assert llm.tokenize(KOREAN_PROMPT.encode(), add_bos=True, special=False) == ids
         for text in SAMPLE:
@@ -98,7 +98,7 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_f32_gguf_matches_transformers_for_every_export_option(tmp_path, variant):
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    lc = llama_cpp()
+    llama_cpp()
     from model_fixtures import random_checkpoint
     from transformers import AutoModelForCausalLM
 
@@ -116,9 +116,45 @@ def test_f32_gguf_matches_transformers_for_every_export_option(tmp_path, variant
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=torch.float32).eval()
     with torch.no_grad():
         ref = hf(torch.tensor([ids])).logits[0].numpy()
-    llm = lc.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=64, logits_all=True, n_threads=1, verbose=False,
-                   type_k=lc.GGML_TYPE_F32, type_v=lc.GGML_TYPE_F32)  # fmt: skip
+    llm = open_llama(tmp_path / "m.gguf", n_ctx=64)
     llm.eval(ids)
     diff = float(np.abs(np.asarray(llm.scores[: len(ids)]) - ref).max())
     llm.close()
     assert diff < 1e-4, diff
+
+
+def test_open_llama_sets_extra_bufts_on_the_model_params(tmp_path):
+    llama_cpp()
+    from quantize.gguf_export import export_gguf
+
+    t = build_all(tmp_path / "m", steps=1, tokenizer="bpe")
+    export_gguf(t["hf"], tmp_path / "m.gguf", "q4_0")
+    for extra in (False, True):
+        llm = open_llama(tmp_path / "m.gguf", n_ctx=32, extra_bufts=extra)
+        assert llm.model_params.use_extra_bufts is extra  # what llama.cpp was given, not a swallowed kwarg
+        llm.close()
+
+
+def test_eval_fills_gguf_rows_in_a_child_and_leaves_no_temporary_files(tmp_path, monkeypatch):
+    import json
+    import tempfile
+
+    llama_cpp()
+    t = build_all(tmp_path / "m", steps=30)
+    for qt in ("f16", "q4_0"):
+        assert (
+            main(["quantize", "--method", "gguf", "--gguf-type", qt, str(t["hf"]), str(tmp_path / qt)]) == 0
+        )
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    rep = tmp_path / "eval.json"
+    assert main(["quantize", "eval", str(t["hf"]), str(tmp_path / "f16"), str(tmp_path / "q4_0"),
+                 "--tokenizer", str(t["tokenizer"]), "--eval-data", str(t["text"]), "--seq-len", "64",
+                 "--max-seqs", "2", "--gen-tokens", "8", "--json", str(rep)]) == 0  # fmt: skip
+    rows = {r["artifact"]: r for r in json.loads(rep.read_text())["rows"]}
+    for label in ("gguf f16", "gguf q4_0"):
+        row = rows[label]
+        assert set(row["ppl"]) == {"ko", "en", "ja", "code"} and "error" not in row, row
+        assert row["tokens_per_s"] > 0
+    assert all(abs(v) < 0.5 for v in rows["gguf f16"]["ppl_change_pct"].values()), rows["gguf f16"]
+    assert list((tmp_path / "tmp").iterdir()) == []

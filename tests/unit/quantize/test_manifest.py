@@ -121,7 +121,7 @@ def test_bad_requests_fail_before_any_model_is_loaded(tmp_path):
     (src / "model.safetensors").write_bytes(b"")
     with pytest.raises(ValueError, match="needs --calib"):
         quantize(src, tmp_path / "o", QuantizeOptions(method="gptq"))
-    with pytest.raises(ValueError, match="holds no tokenizer"):
+    with pytest.raises(ValueError, match="its tokenizer is unknown; pass --tokenizer"):
         quantize(src, tmp_path / "o", QuantizeOptions(method="nf4"))
     with pytest.raises(ValueError, match="--mix"):
         quantize(src, tmp_path / "o", QuantizeOptions(method="gguf", mix="ko=x"))
