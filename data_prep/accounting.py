@@ -50,12 +50,11 @@ def merge_stats(out_dir: str | Path) -> dict:
             sorted(Counter({f"{s}:{r}": n for s, d in steps.items() for r, n in d["errors"].items()}).items())
         ),
     }
-    pii = {
-        k.split(":", 1)[1]: v
-        for k, v in steps.get("pii", {}).get("notes", {}).items()
-        if k.startswith("pii:")
-    }
-    return {"steps": steps, "overall": overall, "pii": pii}
+    # Replacements in kept text (the pii step) and in removed records (every other step), per kind.
+    pii: Counter[str] = Counter()
+    for d in steps.values():
+        pii.update({k.split(":", 1)[1]: v for k, v in d["notes"].items() if k.startswith("pii:")})
+    return {"steps": steps, "overall": overall, "pii": dict(sorted(pii.items()))}
 
 
 def check(stats: dict) -> None:
@@ -93,7 +92,17 @@ def table(stats: dict) -> str:
         if o[key]:
             rows.append(f"  {label} by reason: " + ", ".join(f"{k} {v:,}" for k, v in o[key].items()))
     if stats.get("pii"):
-        rows.append("  PII replaced: " + ", ".join(f"{k} {v:,}" for k, v in stats["pii"].items()))
+        where = {
+            s: sum(v for k, v in d["notes"].items() if k.startswith("pii:"))
+            for s, d in stats["steps"].items()
+        }
+        rows.append(
+            "  PII replaced: "
+            + ", ".join(f"{k} {v:,}" for k, v in stats["pii"].items())
+            + " (by step: "
+            + ", ".join(f"{s} {n:,}" for s, n in where.items() if n)
+            + ")"
+        )
     notes = {
         f"{s}:{k}": v
         for s, d in stats["steps"].items()

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
+
 from kmoe.configtree import ConfigError, load
 
 LANGS = ("ko", "en", "ja", "code")
@@ -97,7 +99,10 @@ class MixConfig:
 @dataclass
 class TokenizerSection:
     path: str = ""  # an existing tokenizer directory
-    train: dict[str, Any] | None = None  # TokenizerConfig fields: train one into OUT/tokenizer
+    # TokenizerConfig fields: train one into OUT/tokenizer. `config: FILE` reads them from a configs/tokenizer/
+    # YAML first (the other keys override it); the file is read when the data config loads, so its settings
+    # are part of the data config (and of its hash).
+    train: dict[str, Any] | None = None
 
 
 @dataclass
@@ -178,9 +183,25 @@ def validate(cfg: DataConfig, base: Path | None = None) -> None:
         raise ConfigError("executor.tasks and executor.workers must be >= 1")
 
 
+def _inline_tokenizer_config(cfg: DataConfig) -> None:
+    train = cfg.tokenizer.train
+    if not train or "config" not in train:
+        return
+    file = Path(str(train["config"]))
+    if not file.is_file() and not file.is_absolute():
+        file = Path(__file__).resolve().parents[1] / file  # configs/tokenizer/... of this checkout
+    if not file.is_file():
+        raise ConfigError(f"tokenizer.train.config: {train['config']} is not a file")
+    base = yaml.safe_load(file.read_text(encoding="utf-8")) or {}
+    if not isinstance(base, dict):
+        raise ConfigError(f"tokenizer.train.config: {file} does not hold a mapping of TokenizerConfig fields")
+    cfg.tokenizer.train = {**base, **{k: v for k, v in train.items() if k != "config"}}
+
+
 def load_data_config(path: str | Path, overrides: list[str] | None = None) -> DataConfig:
     cfg = load(DataConfig, path, overrides)
     try:
+        _inline_tokenizer_config(cfg)
         validate(cfg)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None

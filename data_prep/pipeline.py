@@ -15,7 +15,6 @@ import json
 import logging
 from pathlib import Path
 
-from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.base import PipelineStep
 
 from data_prep import accounting, tokenizer_io
@@ -27,12 +26,14 @@ from data_prep.sources.demo import fetch
 from data_prep.sources.files import preflight
 from data_prep.sources.reader import ReadStep
 from data_prep.stages import KeptWriter, Stage1Reader, Stage1Writer
+from data_prep.steps.base import DocStep
 from data_prep.steps.decode import DecodeStep
 from data_prep.steps.dedup import DedupStep
 from data_prep.steps.langid import LangIdStep
 from data_prep.steps.normalize import NormalizeStep
 from data_prep.steps.pii import PiiStep
 from data_prep.steps.quality import QualityStep
+from data_prep.tasklog import KmoeSlurmExecutor, QuietLocalExecutor, quiet_console, run_stage
 from kmoe.configtree import ConfigError, to_dict
 from kmoe.hashing import sha256_json
 
@@ -56,8 +57,8 @@ def resolve_sources(cfg: DataConfig) -> list[str]:
 
 def text_pipeline(cfg: DataConfig, out: Path, roots: list[str]) -> list[PipelineStep]:
     fields = {s.name: s.text_field for s in cfg.sources}
-    return [
-        ReadStep(out, cfg.sources, roots),
+    steps = [
+        ReadStep(out, cfg.sources, roots, cfg.pii),
         DecodeStep(out, cfg.decode, fields),
         NormalizeStep(out, cfg.normalize),
         LangIdStep(out, cfg.langid),
@@ -65,6 +66,15 @@ def text_pipeline(cfg: DataConfig, out: Path, roots: list[str]) -> list[Pipeline
         PiiStep(out, cfg.pii),
         Stage1Writer(out),
     ]
+    return _redacting(cfg, steps)
+
+
+def _redacting(cfg: DataConfig, steps: list[PipelineStep]) -> list[PipelineStep]:
+    """Every step that writes removed documents redacts them with the build's `pii:` settings."""
+    for step in steps:
+        if isinstance(step, DocStep):
+            step.redact_with = cfg.pii
+    return steps
 
 
 class TrainTokenizerStep(PipelineStep):
@@ -122,17 +132,15 @@ def stages(cfg: DataConfig, out: Path, roots: list[str], tokenizer) -> list[tupl
     """(name, pipeline, tasks, workers) in order. `tokenizer`: a directory or an in-process object."""
     tok_arg = tokenizer
     result = [("text", text_pipeline(cfg, out, roots), cfg.executor.tasks, cfg.executor.workers)]
-    result.append(
-        ("dedup", [Stage1Reader(out), DedupStep(out, cfg.dedup), KeptWriter(out, cfg.shard_docs)], 1, 1)
-    )
+    dedup = [Stage1Reader(out), DedupStep(out, cfg.dedup), KeptWriter(out, cfg.shard_docs)]
+    result.append(("dedup", _redacting(cfg, dedup), 1, 1))
     if tokenizer is None:
         result.append(("tokenizer", [TrainTokenizerStep(out, cfg.tokenizer.train)], 1, 1))
         tok_arg = str(out / "tokenizer")
     # An in-process tokenizer object cannot be sent to worker processes: run the shard tasks in this one.
     shard_workers = min(cfg.executor.workers, len(LANGS)) if isinstance(tok_arg, str) else 1
-    result.append(
-        ("shards", [ShardStep(out, list(LANGS), tok_arg, cfg.mix.max_tokens)], len(LANGS), shard_workers)
-    )
+    shards = [ShardStep(out, list(LANGS), tok_arg, cfg.mix.max_tokens, cfg.pii)]
+    result.append(("shards", shards, len(LANGS), shard_workers))
     result.append(("finalize", [FinalizeStep(out, cfg, tok_arg)], 1, 1))
     return result
 
@@ -147,60 +155,39 @@ def _guard_out(out: Path, chash: str) -> None:
     marker.write_text(chash + "\n")
 
 
-def _quiet_datatrove() -> None:
-    """datatrove logs every task's pipeline and stats to the console at INFO; keep its warnings there (its
-    full per-task logs are still written to OUT/work/logs/<stage>/logs/ by the executor)."""
-    import sys
-
-    import datatrove.utils.logging as dlog
-
-    def setup_default_logger() -> None:
-        dlog.logger.remove()
-        dlog.logger.add(sys.stderr, level="WARNING")
-
-    dlog.setup_default_logger = setup_default_logger  # called again after every task
-    setup_default_logger()
-
-
 def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
     """Run every stage; returns the manifest. `tokenizer` overrides the config's (an object or a directory)."""
     out = Path(out)
-    _quiet_datatrove()
+    quiet_console()
     if tokenizer is None and cfg.tokenizer.path:
         tokenizer = cfg.tokenizer.path
     if tokenizer is None and cfg.tokenizer.train is None:
         raise ConfigError("tokenizer: set tokenizer.path (an existing tokenizer) or tokenizer.train")
+    if tokenizer is None:
+        tokenizer_io.check_train_config(cfg.tokenizer.train)  # a bad key fails now, not after the text stages
     _guard_out(out, config_hash(cfg))
     roots = resolve_sources(cfg)
     preflight(cfg.sources, [Path(r) for r in roots])
+    plan = stages(cfg, out, roots, tokenizer)
     executors = []
-    for name, pipeline, tasks, workers in stages(cfg, out, roots, tokenizer):
+    for name, pipeline, tasks, workers in plan:
         executors.append(
             _executor(cfg, out, name, pipeline, tasks, workers, executors[-1] if executors else None)
         )
     if cfg.executor.kind == "slurm":
         executors[-1].run()  # sbatch the chain; each stage depends on the previous one
         return {}
-    for ex in executors:
-        ex.run()
+    for (name, *_), ex in zip(plan, executors):
+        run_stage(name, ex, out / "work" / "logs" / name)
     return json.loads((out / "manifest.json").read_text())
-
-
-class QuietLocalExecutor(LocalPipelineExecutor):
-    """LocalPipelineExecutor whose tasks log to their files only (datatrove prints local_rank 0 at INFO)."""
-
-    def _run_for_rank(self, rank: int, local_rank: int = 0, node_rank: int = -1):
-        return super()._run_for_rank(rank, local_rank=1, node_rank=node_rank)
 
 
 def _executor(cfg: DataConfig, out: Path, name: str, pipeline, tasks: int, workers: int, depends):
     logs = str(out / "work" / "logs" / name)
     if cfg.executor.kind == "local":
         return QuietLocalExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=logs)
-    from datatrove.executor import SlurmPipelineExecutor
-
     s = cfg.executor.slurm
-    return SlurmPipelineExecutor(
+    return KmoeSlurmExecutor(
         pipeline, tasks=tasks, workers=workers, time=s.time, partition=s.partition, cpus_per_task=s.cpus_per_task,
         mem_per_cpu_gb=s.mem_per_cpu_gb, venv_path=s.venv_path, job_name=f"kmoe-data-{name}", logging_dir=logs,
         depends=depends,

@@ -9,8 +9,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REMOVED_TEXT_CAP = 100_000  # removed docs larger than this keep a prefix; file+line point at the original
-
 
 @dataclass
 class Doc:
@@ -42,27 +40,6 @@ class Doc:
             lang=d["lang"],
             meta=d.get("meta", {}),
         )
-
-
-def removed_record(doc: Doc, step: str, reason: str, error: bool, detail: str = "") -> dict[str, Any]:
-    """What a removed document looks like on disk: the doc, why, and where it came from."""
-    text = doc.text
-    if not text and doc.raw is not None:
-        text = doc.raw[: REMOVED_TEXT_CAP * 4].decode("utf-8", errors="replace")
-    rec = {
-        "id": doc.id,
-        "source": doc.source,
-        "lang": doc.lang,
-        "step": step,
-        "reason": reason,
-        "error": error,
-        "text": text[:REMOVED_TEXT_CAP],
-    }
-    if len(text) > REMOVED_TEXT_CAP or (doc.raw is not None and len(doc.raw) > REMOVED_TEXT_CAP * 4):
-        rec["truncated"] = True
-    if detail:
-        rec["detail"] = detail
-    return rec
 
 
 class JsonlGzWriter:

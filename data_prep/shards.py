@@ -16,7 +16,9 @@ from typing import Protocol
 import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
-from data_prep.records import Doc, JsonlGzWriter, read_jsonl_gz, removed_record, write_json
+from data_prep.config import PiiConfig
+from data_prep.records import Doc, read_jsonl_gz, write_json
+from data_prep.removed import RemovedWriter
 from data_prep.steps.base import StepCounts
 
 log = logging.getLogger(__name__)
@@ -49,9 +51,14 @@ def kept_files(out_dir: str | Path, lang: str) -> list[Path]:
 
 
 def write_language_shard(
-    out_dir: str | Path, lang: str, tokenizer: ShardTokenizer, max_tokens: int | None
+    out_dir: str | Path,
+    lang: str,
+    tokenizer: ShardTokenizer,
+    max_tokens: int | None,
+    pii: PiiConfig | None = None,
 ) -> tuple[StepCounts, dict]:
-    """Tokenize the kept docs of `lang` in order into OUT/shards/<lang>.bin/.idx. Returns counts and totals."""
+    """Tokenize the kept docs of `lang` in order into OUT/shards/<lang>.bin/.idx. Returns counts and totals.
+    `pii`: how removed records are redacted (the build's `pii:`; kept text was redacted already)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     out = Path(out_dir)
@@ -59,8 +66,10 @@ def write_language_shard(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
-    removed = JsonlGzWriter(out / "corpus" / "removed" / "mix" / f"{lang}.jsonl.gz")
     counts = StepCounts()
+    removed = RemovedWriter(
+        out / "corpus" / "removed" / "mix" / f"{lang}.jsonl.gz", pii or PiiConfig(), counts
+    )
     tokens, by_source = 0, defaultdict(lambda: {"docs": 0, "tokens": 0})
     try:
         for path in kept_files(out, lang):
@@ -69,9 +78,7 @@ def write_language_shard(
                 ids = tokenizer.encode_document(rec["text"])
                 if max_tokens is not None and tokens + len(ids) > max_tokens:
                     doc = Doc(rec["id"], rec["source"], (0, 0, 0), text=rec["text"], lang=lang)
-                    removed.write(
-                        removed_record(doc, "mix", "over_token_budget", False, f"budget {max_tokens}")
-                    )
+                    removed.write(doc, "mix", "over_token_budget", False, f"budget {max_tokens}")
                     counts.removed["over_token_budget"] += 1
                     continue
                 arr = np.asarray(ids, dtype=np.int64)
@@ -97,11 +104,18 @@ class ShardStep(PipelineStep):
     type = "kmoe"
     name = "shards"
 
-    def __init__(self, out_dir, languages: list[str], tokenizer, max_tokens: dict[str, int]):
+    def __init__(
+        self,
+        out_dir,
+        languages: list[str],
+        tokenizer,
+        max_tokens: dict[str, int],
+        pii: PiiConfig | None = None,
+    ):
         """`tokenizer`: a tokenizer directory, or a tokenizer object (in-process runs only)."""
         super().__init__()
         self.out_dir, self.languages = str(out_dir), languages
-        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.tokenizer, self.max_tokens, self.pii = tokenizer, max_tokens, pii
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         from data_prep.tokenizer_io import open_tokenizer
@@ -112,7 +126,9 @@ class ShardStep(PipelineStep):
         for i, lang in enumerate(self.languages):
             if i % world_size != rank or not kept_files(self.out_dir, lang):
                 continue
-            counts, totals = write_language_shard(self.out_dir, lang, tok, self.max_tokens.get(lang))
+            counts, totals = write_language_shard(
+                self.out_dir, lang, tok, self.max_tokens.get(lang), self.pii
+            )
             work = Path(self.out_dir) / "work"
             write_json(work / "stats" / "mix" / f"{lang}.json", counts.to_json())
             write_json(work / "shard_totals" / f"{lang}.json", totals)

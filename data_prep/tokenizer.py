@@ -1,4 +1,5 @@
-"""Korean-first sentencepiece tokenizer: weighted sampling of the kept corpus, training, loading, digest.
+"""Korean-first sentencepiece tokenizer: config, training (on data_prep/tokenizer_sample.py's weighted sample
+of the kept corpus), loading, digest.
 
 Layout of a tokenizer directory (what `train_tokenizer` writes and `load_tokenizer` reads):
   tokenizer.model          the sentencepiece model (the reference implementation)
@@ -10,16 +11,15 @@ Ids 0-3 are <unk> <s> </s> <pad>, then the chat/reserved control tokens, then th
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import io
 import json
 import logging
 import os
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from data_prep.tokenizer_sample import read_kept_corpus, required_characters, sample_corpus
 from kmoe.configtree import ConfigError, to_dict
 from kmoe.hashing import sha256_file, sha256_json
 
@@ -49,7 +49,15 @@ class TokenizerConfig:
     # Let a piece span scripts: Korean endings fuse with punctuation ("습니다.") and particles with Latin
     # words ("API를"); sentencepiece's default (true) forbids both. Measured in docs/tokenizer.md.
     split_by_unicode_script: bool = False
-    split_by_whitespace: bool = True  # false allows multi-word pieces ("▁is▁a"); kept off, see docs
+    split_by_whitespace: bool = True  # false allows multi-word pieces ("▁수▁있습니다", "▁of▁the"), see docs
+    # Cut natural-language training text at sentence ends, so a multi-word piece never spans two sentences.
+    sentence_split: bool = False
+    # "ks_x_1001": the 2,350 Hangul syllables of KS X 1001 (the common modern set) are always whole pieces, even
+    # when the corpus lacks them: Korean never seen in training does not fall back to 3 byte tokens a syllable.
+    required_hangul: Literal["none", "ks_x_1001"] = "none"
+    # Documents whose id hashes into this share never enter the training sample (`kmoe tokenizer report
+    # --heldout` measures on them).
+    heldout_frac: float = 0.0
     byte_fallback: bool = True
     add_bos: bool = True  # every training document starts with <s> (and ends with </s>, the EOD token)
     chat_tokens: list[str] = field(default_factory=lambda: list(DEFAULT_CHAT_TOKENS))
@@ -60,7 +68,7 @@ class TokenizerConfig:
 
 
 def validate_config(cfg: TokenizerConfig) -> None:
-    reserved = len(BASE_SPECIALS) + len(control_tokens(cfg)) + (256 if cfg.byte_fallback else 0)
+    reserved = reserved_ids(cfg)
     if cfg.vocab_size < reserved + 64:
         raise ConfigError(
             f"tokenizer.vocab_size: {cfg.vocab_size} is too small ({reserved} ids go to specials and bytes)"
@@ -71,6 +79,8 @@ def validate_config(cfg: TokenizerConfig) -> None:
         raise ConfigError("tokenizer.language_weights: at least one weight must be > 0")
     if not 0.9 <= cfg.character_coverage <= 1.0:
         raise ConfigError(f"tokenizer.character_coverage: {cfg.character_coverage} not in [0.9, 1.0]")
+    if not 0.0 <= cfg.heldout_frac < 0.5:
+        raise ConfigError(f"tokenizer.heldout_frac: {cfg.heldout_frac} not in [0, 0.5)")
     if cfg.sample_chars <= 0 or cfg.chunk_chars <= 0 or cfg.max_upsample < 1:
         raise ConfigError("tokenizer: sample_chars, chunk_chars must be > 0 and max_upsample >= 1")
     clash = set(cfg.chat_tokens) & set(BASE_SPECIALS.values())
@@ -82,98 +92,31 @@ def control_tokens(cfg: TokenizerConfig) -> list[str]:
     return [*cfg.chat_tokens, *(f"<|reserved_{i}|>" for i in range(cfg.num_reserved))]
 
 
-# ----------------------------------------------------------------------------- corpus and sampling
-def read_kept_corpus(corpus_dir: Path) -> dict[str, list[str]]:
-    """Texts per language from `corpus_dir/kept/<lang>/*.jsonl.gz`, in file and line order."""
-    corpus_dir = Path(corpus_dir)
-    if not (corpus_dir / "kept").is_dir() and (corpus_dir / "corpus" / "kept").is_dir():
-        corpus_dir = corpus_dir / "corpus"  # accept a `kmoe data build` OUT dir as well
-    kept = corpus_dir / "kept"
-    if not kept.is_dir():
-        raise FileNotFoundError(f"{corpus_dir}: no kept/<lang>/*.jsonl.gz corpus (run `kmoe data build`)")
-    texts: dict[str, list[str]] = {}
-    for lang_dir in sorted(p for p in kept.iterdir() if p.is_dir()):
-        for path in sorted(lang_dir.glob("*.jsonl.gz")):
-            texts.setdefault(lang_dir.name, []).extend(_read_shard(path, lang_dir.name))
-    if not texts:
-        raise FileNotFoundError(f"{kept}: no <lang>/*.jsonl.gz shards")
-    return texts
+def reserved_ids(cfg: TokenizerConfig) -> int:
+    """Ids that are not learned pieces: base specials, control tokens and (with byte_fallback) 256 bytes."""
+    return len(BASE_SPECIALS) + len(control_tokens(cfg)) + (256 if cfg.byte_fallback else 0)
 
 
-def _read_shard(path: Path, lang: str) -> list[str]:
-    out = []
-    with gzip.open(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON: {e}") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
-                raise ValueError(f"{path}:{n}: expected an object with a string 'text'")
-            if doc.get("lang", lang) != lang:
-                raise ValueError(f"{path}:{n}: lang {doc.get('lang')!r} in the '{lang}' folder")
-            out.append(doc["text"])
-    return out
+def required_chars(cfg: TokenizerConfig) -> str:
+    """Characters every model of this config holds as pieces, whatever the corpus (sentencepiece's
+    `required_chars`)."""
+    if cfg.required_hangul == "ks_x_1001":
+        # EUC-KR encodes exactly the KS X 1001 syllables in two bytes (the rest take an 8-byte jamo sequence).
+        return "".join(chr(c) for c in range(0xAC00, 0xD7A4) if len(chr(c).encode("euc_kr")) == 2)
+    return ""
 
 
-def chunk_document(text: str, max_chars: int) -> list[str]:
-    """Cut a document at line ends into training sentences of at most `max_chars` (newlines kept)."""
-    chunks, buf = [], ""
-    for line in text.splitlines(keepends=True):
-        while len(line) > max_chars:  # a very long line: hard cut, rare (minified code, tables)
-            if buf:
-                chunks.append(buf)
-                buf = ""
-            chunks.append(line[:max_chars])
-            line = line[max_chars:]
-        if len(buf) + len(line) > max_chars and buf:
-            chunks.append(buf)
-            buf = ""
-        buf += line
-    if buf:
-        chunks.append(buf)
-    return [c for c in chunks if c.strip()]
-
-
-def sample_corpus(
-    texts: dict[str, list[str]], weights: dict[str, float] | None, total_chars: int, cfg: TokenizerConfig
-) -> tuple[list[str], dict[str, dict]]:
-    """Deterministic sample of training sentences; `weights=None` keeps the corpus's natural proportions."""
-    avail = {lang: sum(map(len, docs)) for lang, docs in texts.items()}
-    if weights is None:
-        weights = {lang: float(n) for lang, n in avail.items()}
-    else:
-        unweighted = sorted(set(texts) - set(weights))
-        if unweighted:
-            raise ConfigError(
-                f"tokenizer.language_weights: corpus has language(s) {unweighted} with no weight"
-            )
-        missing = sorted(lang for lang, w in weights.items() if w > 0 and lang not in texts)
-        if missing:
-            log.warning("tokenizer: no corpus text for weighted language(s) %s; renormalising", missing)
-        weights = {lang: w for lang, w in weights.items() if lang in texts}
-    norm = sum(weights.values())
-    rng = random.Random(cfg.seed)
-    sentences, stats = [], {}
-    for lang in sorted(texts):
-        target = int(total_chars * weights[lang] / norm)
-        # Repeat a scarce language (bounded) rather than let a big one crowd it out of the vocabulary.
-        budget = min(target, int(avail[lang] * cfg.max_upsample))
-        order = list(range(len(texts[lang])))
-        taken = 0
-        while taken < budget:
-            rng.shuffle(order)
-            before = taken
-            for i in order:
-                if taken >= budget:
-                    break
-                pieces = chunk_document(texts[lang][i], cfg.chunk_chars)
-                sentences.extend(pieces)
-                taken += sum(map(len, pieces))
-            if taken == before:  # nothing but whitespace in this language
-                break
-        stats[lang] = {"available_chars": avail[lang], "target_chars": target, "sampled_chars": taken}
-    return sentences, stats
+def check_vocab_fits(sentences: list[str], cfg: TokenizerConfig) -> None:
+    """Refuse, with the numbers, a vocabulary smaller than the pieces the sample requires (sentencepiece would
+    fail the same way, after reading the sample, with a less direct message)."""
+    chars = required_characters(sentences, cfg.character_coverage, required_chars(cfg))
+    need = chars + reserved_ids(cfg)
+    if cfg.vocab_size < need:
+        raise ConfigError(
+            f"tokenizer.vocab_size: {cfg.vocab_size} is smaller than the {need} pieces this corpus requires "
+            f"({chars} characters to reach character_coverage {cfg.character_coverage}, plus "
+            f"{reserved_ids(cfg)} specials and byte pieces); raise vocab_size or lower character_coverage"
+        )
 
 
 # ----------------------------------------------------------------------------- training
@@ -207,6 +150,7 @@ def sp_trainer_options(cfg: TokenizerConfig) -> dict:
         "shuffle_input_sentence": False,
         "num_threads": cfg.num_threads,
         "minloglevel": 2,
+        **({"required_chars": required_chars(cfg)} if cfg.required_hangul != "none" else {}),
     }
 
 
@@ -227,9 +171,10 @@ def train_tokenizer(corpus_dir: Path, cfg: TokenizerConfig, out_dir: Path) -> Pa
     from data_prep.tokenizer_hf import write_hf_tokenizer
 
     validate_config(cfg)
-    texts = read_kept_corpus(Path(corpus_dir))
+    texts = read_kept_corpus(Path(corpus_dir), cfg.heldout_frac)
     sentences, stats = sample_corpus(texts, cfg.language_weights, cfg.sample_chars, cfg)
     log.info("tokenizer sample: %s", stats)
+    check_vocab_fits(sentences, cfg)
     model = train_sentencepiece(sentences, sp_trainer_options(cfg), cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

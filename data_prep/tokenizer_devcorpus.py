@@ -13,7 +13,6 @@ out-of-domain Korean set never seen in training: the Korean GNOME user help (`gn
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import logging
 import sysconfig
@@ -22,6 +21,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from data_prep.sources.demo import ddtp_files, fetch_deb, read_apt_file
+from data_prep.tokenizer_sample import is_heldout
 
 log = logging.getLogger(__name__)
 
@@ -91,10 +91,6 @@ def gnome_help_ko(cache: Path) -> list[str]:
                 if len(text) >= 10 and hangul >= 0.3 * sum(c.isalpha() for c in text):
                     paras.append(unicodedata.normalize("NFC", text))
     return paras
-
-
-def is_heldout(doc_id: str, frac: float) -> bool:
-    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < frac
 
 
 def build_dev_corpus(

@@ -27,9 +27,20 @@ def open_tokenizer(tok_dir: str | Path):
     return _module().load_tokenizer(Path(tok_dir))
 
 
-def train(out_dir: Path, train_cfg: dict[str, Any]) -> Path:
+def check_train_config(train_cfg: dict[str, Any]):
+    """Parse and validate `tokenizer.train` (unknown keys, wrong types, bad values) before any stage runs."""
     mod = _module()
     cfg = from_dict(mod.TokenizerConfig, train_cfg, prefix="tokenizer.train")
+    try:
+        mod.validate_config(cfg)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("tokenizer.", "tokenizer.train.", 1)) from None
+    return cfg
+
+
+def train(out_dir: Path, train_cfg: dict[str, Any]) -> Path:
+    mod = _module()
+    cfg = check_train_config(train_cfg)
     return Path(mod.train_tokenizer(Path(out_dir) / "corpus", cfg, Path(out_dir) / "tokenizer"))
 
 

@@ -1,8 +1,10 @@
 """Tokenizer efficiency report against two baselines built in the same run.
 
 Baselines: byte-level (one token per UTF-8 byte, the floor any tokenizer must beat) and sentencepiece with its
-default settings trained on the same corpus in its natural language proportions (no weighting) at the same
-vocabulary size and sample size. Texts are measured per language; a text file is split into paragraphs.
+default settings trained on the same training documents (the held-out slice left out likewise) in their natural
+language proportions (no weighting) at the same vocabulary size and sample size. Texts are measured per name (a
+language, a held-out source); a text file is split into paragraphs. Names with a dot (`ko-ood.man`) are members
+of a group (`ko-ood`), which also gets an overall row: tokens summed over its members.
 """
 
 from __future__ import annotations
@@ -13,13 +15,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from data_prep.tokenizer import (
-    TokenizerConfig,
-    load_tokenizer,
-    read_kept_corpus,
-    sample_corpus,
-    train_sentencepiece,
-)
+from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_sentencepiece
+from data_prep.tokenizer_sample import read_kept_corpus, sample_corpus
 from kmoe.configtree import from_dict
 
 log = logging.getLogger(__name__)
@@ -79,9 +76,13 @@ def measure(encode, decode, docs: list[str]) -> Measure:
 
 def train_default_baseline(corpus_dir: Path, cfg: TokenizerConfig):
     """sentencepiece defaults (unigram, nmt_nfkc, no byte fallback) on the unweighted corpus sample."""
+    import dataclasses
+
     import sentencepiece as spm
 
-    sentences, stats = sample_corpus(read_kept_corpus(corpus_dir), None, cfg.sample_chars, cfg)
+    plain = dataclasses.replace(cfg, sentence_split=False)  # training text as the corpus has it
+    texts = read_kept_corpus(corpus_dir, cfg.heldout_frac)
+    sentences, stats = sample_corpus(texts, None, cfg.sample_chars, plain)
     # Only the vocabulary size and the input-length limit (so the same sample loads) differ from defaults.
     options = {
         "vocab_size": cfg.vocab_size,
@@ -97,18 +98,32 @@ def _tokens_on_default_view(tok, base, docs: list[str]) -> int:
     return sum(len(tok.encode(base.normalize(d).replace("\u2581", " ")[1:])) for d in docs)
 
 
-def build_report(tok_dir: Path, text_specs: list[str], corpus_dir: Path | None = None) -> dict:
-    """Measure our tokenizer and both baselines on the given texts; returns a JSON-able dict."""
-    tok = load_tokenizer(tok_dir)
+def recorded_corpus(tok_dir: Path, corpus_dir: Path | None = None) -> tuple[TokenizerConfig, Path]:
+    """The tokenizer's config and its training corpus (`corpus_dir` overrides the one it recorded)."""
     meta = json.loads((Path(tok_dir) / "kmoe_tokenizer.json").read_text(encoding="utf-8"))
     cfg = from_dict(TokenizerConfig, meta["config"])
     recorded = meta.get("corpus_dir")
+    if not corpus_dir and not recorded:
+        raise ValueError(f"{tok_dir}: no corpus recorded; pass --corpus DIR for the default baseline")
     if recorded and not Path(recorded).is_absolute():
         recorded = str(Path(tok_dir) / recorded)  # recorded relative to the tokenizer dir
-    corpus = Path(corpus_dir or recorded or "")
-    if not corpus_dir and not meta.get("corpus_dir"):
-        raise ValueError(f"{tok_dir}: no corpus recorded; pass --corpus DIR for the default baseline")
-    texts = read_texts(text_specs)
+    return cfg, Path(corpus_dir or recorded)
+
+
+def heldout_texts(tok_dir: Path, corpus_dir: Path | None = None) -> dict[str, list[str]]:
+    """The corpus documents the tokenizer never trained on (its `heldout_frac` slice), per language."""
+    cfg, corpus = recorded_corpus(tok_dir, corpus_dir)
+    if cfg.heldout_frac <= 0:
+        raise ValueError(f"{tok_dir}: trained with heldout_frac 0, so no corpus document was held out")
+    return read_kept_corpus(corpus, cfg.heldout_frac, part="heldout")
+
+
+def build_report(tok_dir: Path, texts: dict[str, list[str]], corpus_dir: Path | None = None) -> dict:
+    """Measure our tokenizer and both baselines on `texts` (name -> documents); returns a JSON-able dict."""
+    tok = load_tokenizer(tok_dir)
+    cfg, corpus = recorded_corpus(tok_dir, corpus_dir)
+    if not texts:
+        raise ValueError("tokenizer report: no text to measure (give --text, --heldout or --ood-ko)")
     t0 = time.perf_counter()
     base, base_stats = train_default_baseline(corpus, cfg)
     log.info("default-settings baseline trained in %.1fs", time.perf_counter() - t0)
@@ -135,7 +150,32 @@ def build_report(tok_dir: Path, text_specs: list[str], corpus_dir: Path | None =
         "corpus": str(corpus),
         "baseline_sample": base_stats,
         "languages": langs,
+        "groups": group_rows(langs),
     }
+
+
+def group_rows(langs: dict[str, dict]) -> dict[str, dict]:
+    """Overall rows of the groups (`ko-ood` for `ko-ood.man`, ...): tokens and chars summed over members."""
+    members: dict[str, list[str]] = {}
+    for name in langs:
+        if "." in name:
+            members.setdefault(name.split(".", 1)[0], []).append(name)
+    out = {}
+    for group, names in members.items():
+        chars = sum(langs[n]["chars"] for n in names)
+        ours = sum(langs[n]["ours"]["tokens"] for n in names)
+        default = sum(langs[n]["sp_default"]["tokens"] for n in names)
+        worst = max(names, key=lambda n: langs[n]["tokens_per_char_vs_default"])
+        out[group] = {
+            "members": names,
+            "chars": chars,
+            "ours_tokens_per_char": ours / max(chars, 1),
+            "sp_default_tokens_per_char": default / max(chars, 1),
+            "tokens_per_char_vs_default": ours / max(default, 1) - 1.0,
+            "worst_member": worst,
+            "worst_member_vs_default": langs[worst]["tokens_per_char_vs_default"],
+        }
+    return out
 
 
 def format_report(rep: dict) -> str:
@@ -160,5 +200,15 @@ def format_report(rep: dict) -> str:
             f"{lang:<{w}} => ours uses {abs(delta):.1%} {word} tokens per char than sp-default "
             f"({r['docs']} docs, {r['chars']} chars); {r['same_text_vs_default']:+.1%} on the text as "
             "sp-default normalises it"
+        )
+    for group, g in rep.get("groups", {}).items():
+        per = ", ".join(
+            f"{n.split('.', 1)[1]} {rep['languages'][n]['tokens_per_char_vs_default']:+.1%}"
+            for n in g["members"]
+        )
+        lines.append(
+            f"{group} overall ({len(g['members'])} sources, {g['chars']} chars): ours "
+            f"{g['ours_tokens_per_char']:.3f} tokens/char, sp-default {g['sp_default_tokens_per_char']:.3f}: "
+            f"{g['tokens_per_char_vs_default']:+.1%}; per source: {per}"
         )
     return "\n".join(lines)

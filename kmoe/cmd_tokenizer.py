@@ -13,6 +13,7 @@ from kmoe.output import emit
 log = logging.getLogger(__name__)
 
 DEV_CORPUS = Path(".cache/tok-dev")  # dev/test stand-in until `kmoe data build` output is passed in
+HELDOUT_KO = Path(".cache/heldout-ko")  # out-of-domain Korean (data_prep/tokenizer_heldout.py)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,11 +34,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = tsub.add_parser("report", help="chars/token, tokens/word, bytes/token vs byte-level and sp defaults")
     p.add_argument("tokenizer_dir")
+    p.add_argument("--text", nargs="+", default=[], metavar="[LANG=]FILE", help="held-out text per language")
     p.add_argument(
-        "--text", nargs="+", required=True, metavar="[LANG=]FILE", help="held-out text per language"
+        "--heldout",
+        action="store_true",
+        help="also the corpus documents the tokenizer left out (heldout_frac)",
+    )
+    p.add_argument(
+        "--ood-ko",
+        action="store_true",
+        help=f"also Korean from registry sources no kmoe corpus trains on (fetched into {HELDOUT_KO})",
     )
     p.add_argument("--corpus", help="corpus for the default-settings baseline (default: the training corpus)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--save", metavar="PATH", help="also write the report as JSON to PATH")
     p.set_defaults(func=cmd_report)
 
     p = tsub.add_parser("parity", help="compare sentencepiece with the HF tokenizer (AutoTokenizer)")
@@ -59,8 +69,8 @@ def _corpus(arg: str | None) -> Path:
 def _parity_texts(corpus: Path | None, per_lang: int) -> list[str]:
     import random
 
-    from data_prep.tokenizer import read_kept_corpus
     from data_prep.tokenizer_hf import EDGE_CASES
+    from data_prep.tokenizer_sample import read_kept_corpus
 
     texts = list(EDGE_CASES)
     if corpus:
@@ -106,9 +116,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from data_prep.tokenizer_report import build_report, format_report
+    from data_prep.tokenizer_report import build_report, format_report, heldout_texts, read_texts
 
-    rep = build_report(Path(args.tokenizer_dir), args.text, Path(args.corpus) if args.corpus else None)
+    corpus = Path(args.corpus) if args.corpus else None
+    texts = read_texts(args.text)
+    if args.heldout:
+        texts.update(heldout_texts(Path(args.tokenizer_dir), corpus))
+    if args.ood_ko:
+        from data_prep.tokenizer_heldout import ensure_heldout_ko
+
+        texts.update(read_texts([str(p) for p in ensure_heldout_ko(HELDOUT_KO, Path(".cache/data"))]))
+    rep = build_report(Path(args.tokenizer_dir), texts, corpus)
+    if args.save:
+        Path(args.save).write_text(json.dumps(rep, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     emit(json.dumps(rep, indent=2, ensure_ascii=False) if args.json else format_report(rep))
     return 0
 

@@ -32,12 +32,12 @@ def data(d: Path) -> str:
 
 
 def tokenizer(d: Path) -> str:
-    from data_prep.tokenizer import load_tokenizer
-
-    tok = load_tokenizer(d / "tokenizer")
-    held = Path(".cache/tok-dev/heldout/ko.txt")
-    text = held.read_text(encoding="utf-8")
-    return f"vocab {tok.vocab_size}; held-out Korean {len(text) / len(tok.encode(text)):.2f} chars/token"
+    parts = []
+    for name in ("tokenizer", "tokenizer-64k"):
+        rep = json.loads((d / name / "report.json").read_text())
+        ood = rep["groups"]["ko-ood"]["tokens_per_char_vs_default"]
+        parts.append(f"vocab {rep['vocab_size']}: {-ood:.1%} fewer tokens/char on unseen Korean")
+    return "; ".join(parts) + " (vs sentencepiece defaults)"
 
 
 def train(d: Path) -> str:

@@ -7,8 +7,9 @@ from pathlib import Path
 
 from datatrove.pipeline.base import PipelineStep
 
-from data_prep.config import SourceConfig
-from data_prep.records import JsonlGzWriter, write_json
+from data_prep.config import PiiConfig, SourceConfig
+from data_prep.records import write_json
+from data_prep.removed import RemovedWriter
 from data_prep.sources.files import list_units, read_unit
 from data_prep.steps.base import StepCounts
 
@@ -21,15 +22,20 @@ class ReadStep(PipelineStep):
     type = "kmoe"
     name = "read"
 
-    def __init__(self, out_dir: str | Path, sources: list[SourceConfig], roots: list[str]):
+    def __init__(
+        self, out_dir: str | Path, sources: list[SourceConfig], roots: list[str], pii: PiiConfig | None = None
+    ):
         super().__init__()
         self.out_dir, self.sources, self.roots = str(out_dir), sources, roots
+        self.pii = pii or PiiConfig()  # the error detail (an exception message) is redacted like any record
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         counts = StepCounts()
         units = list_units(self.sources, [Path(r) for r in self.roots])
         mine = [u for i, u in enumerate(units) if i % world_size == rank]
-        errors = JsonlGzWriter(Path(self.out_dir) / "corpus" / "removed" / "read" / f"{rank:05d}.jsonl.gz")
+        errors = RemovedWriter(
+            Path(self.out_dir) / "corpus" / "removed" / "read" / f"{rank:05d}.jsonl.gz", self.pii, counts
+        )
         try:
             for unit in mine:
                 src, root = self.sources[unit.source_index], Path(self.roots[unit.source_index])
@@ -45,7 +51,7 @@ class ReadStep(PipelineStep):
                     # the file is one error naming the file.
                     counts.n_in += 1
                     counts.errors["unreadable_file"] += 1
-                    errors.write(
+                    errors.write_record(
                         {"id": unit.path, "source": src.name, "step": "read", "reason": "unreadable_file",
                          "error": True, "detail": f"{unit.path}: after {n} records: {e}", "text": ""}
                     )  # fmt: skip

@@ -1,7 +1,8 @@
 """The step protocol: `apply(doc) -> doc | Drop`, run as a datatrove PipelineStep that accounts for every doc.
 
 Each step counts in = kept + removed(by reason) + errors(by reason), writes every removed document with its
-reason to OUT/corpus/removed/<step>/<rank>.jsonl.gz and its counters to OUT/work/stats/<step>/<rank>.json.
+reason, PII redacted (data_prep/removed.py), to OUT/corpus/removed/<step>/<rank>.jsonl.gz and its counters to
+OUT/work/stats/<step>/<rank>.json.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from pathlib import Path
 
 from datatrove.pipeline.base import PipelineStep
 
-from data_prep.records import Doc, JsonlGzWriter, removed_record, write_json
+from data_prep.config import PiiConfig
+from data_prep.records import Doc, write_json
+from data_prep.removed import RemovedWriter
 
 
 @dataclass
@@ -51,6 +54,8 @@ class DocStep(PipelineStep):
     type = "kmoe"
     name = "step"
     progress = False  # a tqdm bar (on a terminal) for steps that run as one long task
+    # How removed records are redacted; the pipeline sets the build's `pii:` settings (the default redacts all).
+    redact_with: PiiConfig = PiiConfig()
 
     def __init__(self, out_dir: str | Path):
         super().__init__()
@@ -75,7 +80,7 @@ class DocStep(PipelineStep):
     def run(self, data, rank: int = 0, world_size: int = 1):
         self.setup()
         counts = StepCounts()
-        writer = JsonlGzWriter(self.removed_path(rank))
+        writer = RemovedWriter(self.removed_path(rank), self.redact_with, counts)
         if self.progress:
             from tqdm import tqdm
 
@@ -87,7 +92,7 @@ class DocStep(PipelineStep):
                     result = self.apply(doc, counts)
                 if isinstance(result, Drop):
                     (counts.errors if result.error else counts.removed)[result.reason] += 1
-                    writer.write(removed_record(doc, self.name, result.reason, result.error, result.detail))
+                    writer.write(doc, self.name, result.reason, result.error, result.detail)
                     continue
                 counts.kept += 1
                 yield result

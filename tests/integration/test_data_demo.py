@@ -86,3 +86,17 @@ def test_demo_build_cli_is_reproducible(repo_root, tmp_path):
     train, _, _ = gpt_datasets(tmp_path / "a", seq_len=256, num_samples=[1000, 0, 0], split="100,0,0")
     counts = collections.Counter(int(train.dataset_index[i]) for i in range(1000))
     assert counts == {0: 100, 1: 300, 2: 200, 3: 400}
+    # The data build's tokenizer on Korean it never saw (issue 11): >= 10% fewer tokens per character than
+    # sentencepiece defaults over six out-of-domain registry sources, none of them worse; en/ja within 3%.
+    res = subprocess.run(
+        [sys.executable, "-m", "kmoe.cli", "tokenizer", "report", str(out / "tokenizer"), "--heldout", "--ood-ko",
+         "--json"],
+        cwd=repo_root, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(res.stdout)
+    ood = rep["groups"]["ko-ood"]
+    assert len(ood["members"]) == 6 and ood["tokens_per_char_vs_default"] <= -0.10, ood
+    assert ood["worst_member_vs_default"] < 0, ood
+    for lang in ("en", "ja"):
+        assert rep["languages"][lang]["tokens_per_char_vs_default"] <= 0.03, (lang, rep["languages"][lang])

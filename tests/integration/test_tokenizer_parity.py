@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.tokenizer import load_tokenizer, read_kept_corpus, tokenizer_digest
+from data_prep.tokenizer import load_tokenizer, tokenizer_digest
 from data_prep.tokenizer_hf import EDGE_CASES, parity
+from data_prep.tokenizer_sample import read_kept_corpus
 from kmoe.cli import main
 
 REPO = Path(__file__).resolve().parents[2]

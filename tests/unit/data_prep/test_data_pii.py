@@ -1,9 +1,10 @@
 """Korean PII: validated matches are replaced and counted per kind; look-alikes are left alone."""
 
 from data_prep.config import PiiConfig
+from data_prep.pii_detect import luhn, scrub, valid_brn, valid_rrn
 from data_prep.records import Doc
 from data_prep.steps.base import StepCounts
-from data_prep.steps.pii import PiiStep, luhn, scrub, valid_brn, valid_rrn
+from data_prep.steps.pii import PiiStep
 
 ALL = ["rrn", "phone", "brn", "card", "email", "ip"]
 

@@ -8,16 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.tokenizer import (
-    TokenizerConfig,
-    chunk_document,
-    load_tokenizer,
-    read_kept_corpus,
-    sample_corpus,
-    train_tokenizer,
-    validate_config,
-)
+from data_prep.tokenizer import TokenizerConfig, load_tokenizer, train_tokenizer, validate_config
 from data_prep.tokenizer_hf import EDGE_CASES, parity
+from data_prep.tokenizer_sample import chunk_document, read_kept_corpus, sample_corpus
 from kmoe.configtree import ConfigError, load
 
 # A small self-written multilingual corpus in the kept-corpus layout.
