@@ -11,6 +11,7 @@ from kmoe import configtree
 from kmoe.configtree import ConfigError
 from kmoe.hashing import sha256_json
 from model.config import ModelConfig, validate_model
+from training.engines.capabilities import check_engine
 
 
 @dataclass
@@ -195,8 +196,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"parallel.pipeline_parallel: {p.pipeline_parallel} does not divide model.num_layers {m.num_layers}"
         )
-    if cfg.engine.name == "native" and (p.tensor_parallel > 1 or p.pipeline_parallel > 1):
-        raise ConfigError("parallel.tensor_parallel/pipeline_parallel: the native engine does DP/FSDP only")
+    check_engine(cfg, world_size)  # what the engine implements: training/engines/capabilities.py
     if world_size is not None:
         model_par = p.tensor_parallel * p.pipeline_parallel
         if world_size % model_par:
