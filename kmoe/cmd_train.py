@@ -44,6 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     validate(cfg, world_size=world)
     if args.dry_run:
         return _dry_run(args, cfg, world)
+    from training.metrics import balance_summary
     from training.parallel import init_distributed, shutdown
     from training.preflight import agreed, check_run
     from training.trainer import Trainer
@@ -55,15 +56,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:  # nothing is written until every rank has passed the checks
         agreed(info, lambda: check_run(cfg, info, run_dir, args.resume, args.key, args.key_dir))
         ledger = agreed(info, lambda: _ledger(run_dir, info, args))  # one writer: rank 0
-        trainer = Trainer(cfg, run_dir, info, ledger=ledger)
-        code = trainer.run(args.resume)
+        code = Trainer(cfg, run_dir, info, ledger=ledger).run(args.resume)
     finally:
         shutdown(info)
     if code:
         emit(f"train: stopped on request with a checkpoint; exit {code} (requeue me)")
     else:
         emit(f"train: finished {cfg.train.steps} steps; run directory {run_dir}")
-    if info.is_main and (balance := trainer.metrics.final_balance()):
+    if info.is_main and (balance := balance_summary(run_dir / "metrics.jsonl", cfg.log.every)):
         emit(f"train: {balance}")
     return code
 

@@ -58,6 +58,25 @@ def dead_experts(load_LE: torch.Tensor) -> list[dict[str, Any]]:
     ]
 
 
+def balance_summary(path: Path, every: int) -> str:
+    """One line on expert balance over a whole run from its metrics.jsonl (a step logged again after a resume
+    counts once, its last line): the last interval's load CV and the intervals with an expert without tokens."""
+    rows: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "expert_max_cv" in row and "event" not in row:
+                rows[row["step"]] = row
+    if not rows:
+        return ""
+    last = rows[max(rows)]
+    collapsed = [s for s in sorted(rows) if rows[s]["expert_dead_frac"] > 0]
+    text = (f"final expert load CV {last['expert_max_cv']:.3f} (worst MoE layer, steps {last['step'] - every + 1}-"
+            f"{last['step']}); {every}-step windows in which a routed expert got no tokens: {len(collapsed)} of "
+            f"{len(rows)}")  # fmt: skip
+    return text + (f" (ending at steps {', '.join(map(str, collapsed[:8]))})" if collapsed else "")
+
+
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a logger that accepts calls and writes nothing."""
 
@@ -68,7 +87,6 @@ class MetricsLogger:
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "a", encoding="utf-8") if enabled else None  # noqa: SIM115
         self._wandb = self._init_wandb(run_dir) if enabled and cfg.log.wandb else None
-        self.balance: dict[str, Any] = {"intervals": 0, "collapsed": []}  # this process's logging intervals
         self._reset_interval()
 
     def _init_wandb(self, run_dir: Path):
@@ -108,7 +126,6 @@ class MetricsLogger:
         if row["step"] % self.cfg.log.every == 0:
             row = dict(row, **self._interval_stats())
             alarms = dead_experts(self._load) if self._load is not None else []
-            self._track_balance(row, alarms)
             self._console(row)
             self._reset_interval()
         self.write(row)
@@ -118,25 +135,6 @@ class MetricsLogger:
             log.warning("expert collapse: MoE layer %d got no tokens for experts %s over the last %d steps",
                         alarm["moe_layer"], alarm["experts"], self.cfg.log.every)  # fmt: skip
         return alarms
-
-    def _track_balance(self, row: dict[str, Any], alarms: list[dict[str, Any]]) -> None:
-        if "expert_max_cv" not in row:
-            return
-        b = self.balance
-        b.update(intervals=b["intervals"] + 1, step=row["step"], max_cv=row["expert_max_cv"])
-        if alarms:
-            b["collapsed"].append(row["step"])
-
-    def final_balance(self) -> str:
-        """One line on expert balance for the end of a run: the last interval's load CV, collapsed intervals."""
-        b, every = self.balance, self.cfg.log.every
-        if not b["intervals"]:
-            return ""
-        collapsed = b["collapsed"]
-        text = (f"final expert load CV {b['max_cv']:.3f} (worst MoE layer, steps {b['step'] - every + 1}-"
-                f"{b['step']}); {every}-step windows in which a routed expert got no tokens: "
-                f"{len(collapsed)} of {b['intervals']}")  # fmt: skip
-        return text + (f" (ending at steps {', '.join(map(str, collapsed[:8]))})" if collapsed else "")
 
     def _interval_stats(self) -> dict[str, Any]:
         elapsed = max(time.perf_counter() - self._t0, 1e-9)
