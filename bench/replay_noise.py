@@ -40,7 +40,10 @@ def alter_batch(run_dir: Path, out: Path, step: int) -> Path:
     shutil.copytree(run_dir, out, ignore=shutil.ignore_patterns("wandb"))
     recs = [ln.record for ln in read_lines(out / LEDGER_FILE) if ln.record is not None]
     steps = {r["step"]: r for r in recs if r["kind"] == "step"}
-    steps[step]["samples"], steps[step]["batch_hash"] = steps[step + 1]["samples"], steps[step + 1]["batch_hash"]
+    steps[step]["samples"], steps[step]["batch_hash"] = (
+        steps[step + 1]["samples"],
+        steps[step + 1]["batch_hash"],
+    )
     prev = "0" * 64
     for i, r in enumerate(recs):
         r["seq"], r["prev"] = i, prev
@@ -68,7 +71,11 @@ def row(name: str, res) -> dict:
     print(f"{name:<28} loss {dev.get('loss', 0):9.2e}  grad_norm {dev.get('grad_norm', 0):9.2e}  weights "
           f"{'bitwise' if res.bitwise else f'{res.relative_distance:9.2e}'}  first divergence "
           f"{res.first_divergence}")  # fmt: skip
-    return {"loss": dev.get("loss", 0.0), "grad_norm": dev.get("grad_norm", 0.0), "weights": res.relative_distance or 0.0}
+    return {
+        "loss": dev.get("loss", 0.0),
+        "grad_norm": dev.get("grad_norm", 0.0),
+        "weights": res.relative_distance or 0.0,
+    }
 
 
 def main() -> None:
@@ -78,7 +85,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int)
     args = ap.parse_args()
     start, n = resolve_span(args.run_dir, args.from_step, args.steps)
-    recorded = int(((read_genesis(args.run_dir).get("environment") or {}).get("numerics") or {}).get("threads") or 1)
+    recorded = int(
+        ((read_genesis(args.run_dir).get("environment") or {}).get("numerics") or {}).get("threads") or 1
+    )
     other = 1 if recorded > 1 else 2
     print(f"{args.run_dir}: steps {start + 1}..{start + n}, trained at {recorded} thread(s)")
     row("recorded env", replay(args.run_dir, start, n))
