@@ -105,11 +105,14 @@ def test_kept_two_threads_replays_within_tolerance_and_says_why(run_dir, capsys)
     torch.set_num_threads(1)
     assert main(["audit", "replay", str(run_dir), "--from-step", "5", "--threads", "2"]) == 0
     out = capsys.readouterr().out
-    assert "environment differs: threads 1 recorded, 2 here" in out and "OK within tolerance" in out, out
+    assert "environment differs: threads 1 recorded, 2 here" in out, out
     res = replay(run_dir, 5, 5, threads=2)
-    assert not res.bitwise and 0 < res.relative_distance < 1e-4 and max(res.max_deviation.values()) < 1e-5
-    assert main(["audit", "replay", str(run_dir), "--from-step", "5", "--threads", "2", "--exact"]) == 1
     assert torch.get_num_threads() == 1
+    if res.bitwise:  # a CPU whose kernels split this work the same way at 2 threads: nothing to tell apart
+        return
+    assert "OK within tolerance, not bit for bit (the environment differs as listed)" in out, out
+    assert res.ok and res.relative_distance < 1e-4 and max(res.max_deviation.values()) < 1e-5  # here ~1e-7
+    assert main(["audit", "replay", str(run_dir), "--from-step", "5", "--threads", "2", "--exact"]) == 1
 
 
 @pytest.mark.parametrize("threads", [None, 2], ids=["recorded-threads", "two-threads"])

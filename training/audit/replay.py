@@ -8,7 +8,7 @@ the genesis records (training/numerics.py: thread count, deterministic settings)
 otherwise, or where something unrecorded differs, the verdict is by tolerance: each step's loss and grad norm
 within `step_tolerance` (relative) of the record, and the weights' distance to the checkpoint relative to the
 size of the update since step K below `tolerance`. Float-order noise stays orders of magnitude below both; a
-changed batch or changed weights does not (docs/training.md has the measurements). `exact` demands bits.
+changed batch or changed weights does not (docs/ledger.md has the measurements). `exact` demands bits.
 Reports the first step that diverges.
 
 The training program supplies a `ReplayEngine`, registered under the `trainer` name its genesis record carries
