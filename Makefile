@@ -67,7 +67,8 @@ demo-model: install
 
 # Audit (issue 6) of the demo training run, as an outside auditor would: ledger chain, signatures and checkpoint
 # files; the initial weights rebuilt from the recorded seed; the last checkpoint interval re-executed from the
-# shards bit for bit (--from-step -2: the second-to-last checkpoint on disk, up to the next); the HTML report; the
+# shards bit for bit (--from-step -2: the second-to-last checkpoint on disk, up to the next), and again at 1 thread
+# instead of the recorded 2, as an auditor's other machine would (a tolerance verdict); the HTML report; the
 # final weights against an independently seeded model (independent) and against the run's step 100 (derived).
 AUDIT_RUN := $(DEMO)/runs/tiny
 demo-audit: install
@@ -76,6 +77,7 @@ demo-audit: install
 	$(KMOE) audit verify $(AUDIT_RUN)
 	$(KMOE) audit init-check $(AUDIT_RUN)
 	$(KMOE) audit replay $(AUDIT_RUN) --from-step -2
+	$(KMOE) audit replay $(AUDIT_RUN) --from-step -2 --threads 1
 	$(KMOE) audit report $(AUDIT_RUN) --out $(DEMO)/audit-report.html
 	$(KMOE) model smoke --config configs/model/tiny.yaml --seed 4321 --out $(DEMO)/tiny-seed4321
 	$(KMOE) audit compare $(AUDIT_RUN)/checkpoints/step-00000200 $(DEMO)/tiny-seed4321

@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         # User errors: one clear line, no traceback (use -v for one).
         if args.verbose:
             raise
-        print(f"kmoe: error: {e}", file=sys.stderr)
+        sys.stderr.write(f"kmoe: error: {e}\n")  # one write: the lines of several ranks do not interleave
         return 2
 
 

@@ -48,7 +48,27 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         help="steps to replay; a checkpoint must exist at the end (default: up to the next checkpoint on disk)",
     )
-    p.add_argument("--tolerance", type=float, default=1e-3, help="relative weight distance when not bitwise")
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=1e-3,
+        help="when not bit for bit: the largest weight distance to the recorded checkpoint, relative to the "
+        "update since the start checkpoint (default 1e-3)",
+    )
+    p.add_argument(
+        "--step-tolerance",
+        type=float,
+        default=1e-3,
+        help="when not bit for bit: the largest relative deviation of a step's loss or grad norm (default 1e-3)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        help="replay at this many intra-op threads (default: the count the genesis records, for identical bits)",
+    )
+    p.add_argument(
+        "--exact", action="store_true", help="fail unless every step and the weights are bit for bit"
+    )
     p.add_argument("--shards", help="the run's data directory when it is not where the run config says")
     p.set_defaults(func=cmd_replay)
 
@@ -115,19 +135,38 @@ def cmd_init_check(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from training.audit.replay import replay
 
-    r = replay(args.run_dir, args.from_step, args.steps, tolerance=args.tolerance, shards=args.shards)
+    r = replay(args.run_dir, args.from_step, args.steps, tolerance=args.tolerance, shards=args.shards,
+               step_tolerance=args.step_tolerance, threads=args.threads, exact=args.exact)  # fmt: skip
     emit(
         f"replay {args.run_dir}: steps {r.from_step + 1}..{r.to_step} from its checkpoint, compared with {r.target}"
     )
+    for s in r.environment_set:
+        emit(f"  environment: set to the recorded {s}")
+    for s in r.environment_differs:
+        emit(f"  environment differs: {s}")
     for d in r.divergences:
         emit(f"  DIVERGES: {d}")
-    if r.bitwise:
-        emit("replay: OK, bit for bit (the replayed weights have the recorded Merkle root)")
-    elif r.ok:
-        emit(f"replay: OK within tolerance (relative distance {r.relative_distance:.3e} <= {r.tolerance:g})")
-    else:
-        emit(f"replay: FAILED, first diverging step {r.first_divergence or r.to_step}")
+    emit(replay_verdict(r))
     return 0 if r.ok else 1
+
+
+def replay_verdict(r) -> str:
+    if r.bitwise and r.ok and not any(r.max_deviation.values()):
+        return "replay: OK, bit for bit (the replayed weights have the recorded Merkle root)"
+    if not r.ok:
+        return f"replay: FAILED, first diverging step {r.first_divergence or r.to_step}"
+    why = (
+        "the environment differs as listed"
+        if r.environment_differs
+        else "the recorded environment was reproduced: something the genesis does not record differs "
+        "(CPU model, library build)"
+    )
+    devs = ", ".join(f"{k} {v:.1e}" for k, v in r.max_deviation.items())
+    weights = "bit for bit" if r.bitwise else f"{r.relative_distance:.1e} (<= {r.tolerance:g})"
+    return (
+        f"replay: OK within tolerance, not bit for bit ({why}): largest relative step deviation {devs} "
+        f"(<= {r.step_tolerance:g}); weights' relative distance {weights}"
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:

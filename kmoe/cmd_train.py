@@ -25,6 +25,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--world-size", type=int, help="dry run: plan for this many ranks (default: $WORLD_SIZE or 1)"
     )
+    p.add_argument(
+        "--key",
+        help="the ledger's Ed25519 private key file (default: found by the key id the ledger names; "
+        "a new run creates <key dir>/<key id>.ed25519)",
+    )
+    p.add_argument("--key-dir", help="folder of signing keys (default: $KMOE_KEY_DIR, else <runs>/.keys)")
     p.set_defaults(func=cmd_train)
 
 
@@ -38,15 +44,18 @@ def cmd_train(args: argparse.Namespace) -> int:
     validate(cfg, world_size=world)
     if args.dry_run:
         return _dry_run(args, cfg, world)
+    from training.metrics import balance_summary
     from training.parallel import init_distributed, shutdown
+    from training.preflight import agreed, check_run
     from training.trainer import Trainer
 
     info = init_distributed()
     if not info.is_main:
         logging.getLogger().setLevel(logging.WARNING)
     run_dir = Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
-    try:
-        ledger = _ledger(run_dir) if info.is_main else None  # one writer: rank 0
+    try:  # nothing is written until every rank has passed the checks
+        agreed(info, lambda: check_run(cfg, info, run_dir, args.resume, args.key, args.key_dir))
+        ledger = agreed(info, lambda: _ledger(run_dir, info, args))  # one writer: rank 0
         code = Trainer(cfg, run_dir, info, ledger=ledger).run(args.resume)
     finally:
         shutdown(info)
@@ -54,14 +63,16 @@ def cmd_train(args: argparse.Namespace) -> int:
         emit(f"train: stopped on request with a checkpoint; exit {code} (requeue me)")
     else:
         emit(f"train: finished {cfg.train.steps} steps; run directory {run_dir}")
+    if info.is_main and (balance := balance_summary(run_dir / "metrics.jsonl", cfg.log.every)):
+        emit(f"train: {balance}")
     return code
 
 
-def _ledger(run_dir):
-    """The run's tamper-evident ledger (rank 0 only)."""
+def _ledger(run_dir, info, args):
+    """The run's tamper-evident ledger (rank 0 only; None elsewhere)."""
     from training.ledger import Ledger
 
-    return Ledger.open(run_dir)
+    return Ledger.open(run_dir, key_path=args.key, key_dir=args.key_dir) if info.is_main else None
 
 
 def _dry_run(args: argparse.Namespace, cfg, world: int) -> int:

@@ -1,5 +1,11 @@
 """A private SLURM cluster on this machine: munged, slurmctld and one slurmd, all state under one folder.
 
+All but munged's socket: munged refuses a socket below any folder that not every user may enter (a checkout
+under a 0700 home or `mktemp -d` folder) and the socket path must fit AF_UNIX's 108 bytes, so the socket goes
+to a folder of its own under /run (else the temp dir), named by the cluster root's hash and recorded in
+`<root>/slurm.conf` (AuthInfo=socket=...). `unavailable()` says before anything starts when no such folder is
+possible.
+
 For the launch tests and for trying `kmoe launch slurm` on one machine (Debian: `apt-get install
 slurm-wlm`). It needs root (slurmd starts job steps as their user) but no systemd and no cgroups: processes
 are tracked by parent id (proctrack/linuxproc), tasks are not pinned (task/none), and the ports are free
@@ -9,12 +15,15 @@ ones picked at start, so it runs beside a real SLURM installation without touchi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +45,7 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={root}/run/munge.sock,cred_expire={requeue_delay}
+AuthInfo=socket={socket},cred_expire={requeue_delay}
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/run/slurmctld.pid
@@ -74,7 +83,34 @@ def unavailable() -> str | None:
         return f"SLURM/munge not installed ({', '.join(missing)} missing): apt-get install slurm-wlm"
     if os.geteuid() != 0:
         return "the local SLURM cluster needs root (slurmd launches job steps as their user)"
+    if socket_base() is None:
+        return (
+            f"munged needs its socket in a folder every user can enter; neither /run nor {tempfile.gettempdir()} "
+            "is writable here with every folder above it enterable by all"
+        )
     return None
+
+
+def _enterable_by_all(folder: Path) -> bool:
+    """munged's rule for a socket folder's ancestors: execute permission for everyone on each of them."""
+    try:
+        return all(p.stat().st_mode & stat.S_IXOTH for p in (folder, *folder.parents))
+    except OSError:
+        return False
+
+
+def socket_base() -> Path | None:
+    """Where munge socket folders go: /run when usable, else the temp dir; None when neither is."""
+    for base in (Path("/run"), Path(tempfile.gettempdir()).resolve()):
+        if base.is_dir() and os.access(base, os.W_OK | os.X_OK) and _enterable_by_all(base):
+            return base
+    return None
+
+
+def munge_socket(root: Path) -> Path:
+    """munged's socket of the cluster at `root`: `<base>/kmoe-munge-<hash of root>/munge.sock`."""
+    base = socket_base() or Path(tempfile.gettempdir())
+    return base / f"kmoe-munge-{hashlib.sha256(str(root).encode()).hexdigest()[:12]}" / "munge.sock"
 
 
 def _free_port() -> int:
@@ -110,6 +146,7 @@ class LocalSlurm:
         self.cpus = cpus or len(os.sched_getaffinity(0))
         self.host = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
+        self.munge_socket = munge_socket(self.root)
 
     def env(self) -> dict[str, str]:
         """The environment of a SLURM command (or a job submitted) on this cluster."""
@@ -144,6 +181,8 @@ class LocalSlurm:
                           ("munge", 0o700)):  # fmt: skip
             (self.root / sub).mkdir(parents=True, exist_ok=True)
             (self.root / sub).chmod(mode)
+        self.munge_socket.parent.mkdir(mode=0o755, exist_ok=True)
+        self.munge_socket.parent.chmod(0o755)
         key = self.root / "munge/munge.key"
         if not key.is_file():
             key.write_bytes(os.urandom(128))
@@ -151,6 +190,7 @@ class LocalSlurm:
         self.conf.write_text(
             SLURM_CONF.format(
                 root=self.root,
+                socket=self.munge_socket,
                 host=self.host,
                 cpus=self.cpus,
                 ctld_port=_free_port(),
@@ -162,7 +202,7 @@ class LocalSlurm:
 
     def _start_munge(self) -> None:
         r = self.root
-        self._run(["munged", f"--key-file={r}/munge/munge.key", f"--socket={r}/run/munge.sock",
+        self._run(["munged", f"--key-file={r}/munge/munge.key", f"--socket={self.munge_socket}",
                    f"--pid-file={r}/run/munged.pid", f"--log-file={r}/log/munged.log",
                    f"--seed-file={r}/munge/munged.seed"])  # fmt: skip
 
@@ -198,6 +238,8 @@ class LocalSlurm:
             if pid := _pid(pid_file):
                 os.kill(pid, signal.SIGTERM)
                 _until(lambda f=pid_file: _pid(f) is None, timeout / 2)
+        if _pid(self.root / "run/munged.pid") is None:
+            shutil.rmtree(self.munge_socket.parent, ignore_errors=True)
 
     def log_tail(self, lines: int = 15) -> str:
         out = []

@@ -81,6 +81,7 @@ def _absolute(path: str, base: Path) -> str:
 def preflight(p: LaunchPlan, submitting: bool = True) -> None:
     """What a job would fail on after waiting in the queue, checked now; a ValueError names the key."""
     from training.data import check_sources  # sets the filter for megatron-core's TransformerEngine warning
+    from training.ledger_keys import check_run_key
 
     if not JOB_NAME.fullmatch(p.cfg.name):
         raise ConfigError(f"name: {p.cfg.name!r} is the SLURM job name; use letters, digits and ._+- only")
@@ -88,6 +89,7 @@ def preflight(p: LaunchPlan, submitting: bool = True) -> None:
         if re.search(r"[\s%]", str(path)):
             raise ValueError(f"{what}: {path} holds whitespace or '%', which #SBATCH lines cannot take")
     check_sources(p.cfg)
+    check_run_key(p.run_dir)  # a continued run's job would otherwise fail on every rank after the queue
     if os.sep in p.python and not os.access(p.python, os.X_OK):
         raise ConfigError(f"launch.python: {p.python} is not an executable file")
     existing = next(d for d in (p.run_dir, *p.run_dir.parents) if d.exists())

@@ -34,8 +34,10 @@ class ModelConfig:
     router_score: Literal["sigmoid", "softmax"] = "sigmoid"
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 1.0
-    bias_update_rate: float = 1e-3  # aux-loss-free balancing step (DeepSeek-V3 gamma); 0 disables
-    balance_loss_coeff: float = 0.0  # sequence-level balance loss (alpha); 0 disables
+    # Balancing defaults for short, high-lr runs (docs/training.md "Expert balance"): DeepSeek-V3's values for a
+    # 100B-scale run are 1e-3 and 1e-4 (configs/model/solar100b.yaml); at 1e-3/0 the tiny demo's experts die early.
+    bias_update_rate: float = 1e-2  # aux-loss-free balancing step (DeepSeek-V3 gamma); 0 disables
+    balance_loss_coeff: float = 1e-3  # sequence-level balance loss (alpha); 0 disables
     z_loss_coeff: float = 0.0  # router z-loss; 0 disables
     moe_impl: Literal["auto", "grouped_mm", "loop"] = "auto"
     tie_embeddings: bool = False

@@ -11,6 +11,7 @@ from kmoe import configtree
 from kmoe.configtree import ConfigError
 from kmoe.hashing import sha256_json
 from model.config import ModelConfig, validate_model
+from training.engines.capabilities import check_engine
 
 from .dims import PARALLEL_KEYS, native_strategy, parallel_sizes
 
@@ -198,7 +199,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"parallel.pipeline_parallel: {p.pipeline_parallel} does not divide model.num_layers {m.num_layers}"
         )
-    _validate_engine_support(cfg)
+    check_engine(cfg, world_size)  # what the engine implements: training/engines/capabilities.py
     if world_size is not None:
         dp = parallel_sizes(cfg, world_size).dp
         if cfg.engine.name == "native":
@@ -213,26 +214,6 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if cfg.log.every <= 0:
         raise ConfigError(f"log.every: must be positive, got {cfg.log.every}")
     _validate_launch(cfg)
-
-
-# What each engine implements beyond data parallelism (its `parallel.*` keys above 1, its strategies); any
-# other setting is refused naming the key rather than silently ignored.
-ENGINE_PARALLEL: dict[str, set[str]] = {
-    "native": set(),
-}
-
-
-def _validate_engine_support(cfg: RunConfig) -> None:
-    p, name = cfg.parallel, cfg.engine.name
-    implemented = ENGINE_PARALLEL.get(name)
-    if implemented is None:
-        return  # an engine outside this table checks its own layout when it is built
-    for key in PARALLEL_KEYS:
-        if getattr(p, key) > 1 and key not in implemented:
-            have = ", ".join(sorted(implemented)) or "data parallelism only"
-            raise ConfigError(
-                f"parallel.{key}: {getattr(p, key)} is not implemented by the {name} engine ({have})"
-            )
 
 
 def slurm_time_seconds(text: str) -> int:

@@ -2,8 +2,8 @@
 
 Every record is one canonical-JSON line carrying `seq` and `prev` = sha256 of the previous record's
 canonical encoding, so any edit, deletion, insertion or reordering breaks the chain. A per-run Ed25519 key
-signs the chain head after every checkpoint and at the end; its public key is in the genesis record and the
-private key lives outside the run directory (default `<runs>/.keys/<run>.ed25519`, mode 0600).
+signs the chain head after every checkpoint and at the end; its public key and key id are in the genesis record
+and the private key lives outside the run directory, found again by that id (training/ledger_keys.py).
 
 The trainer talks to it through `training.hooks.LedgerHook` (genesis, step, checkpoint, event, close); each call appends
 one record, flushed and fsynced before it returns, so a crash loses at most the line being written, and that
@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from kmoe.hashing import (
@@ -40,59 +39,19 @@ from .ledger_chain import (
     GENESIS_PREV,
     LEDGER_FILE,
     SIG_DOMAIN,
+    LedgerError,
+    genesis_key_id,
     key_id,
     read_lines,
     walk_chain,
 )
+from .ledger_keys import create_key, find_key, public_hex
+from .ledger_keys import default_key_path as default_key_path  # re-exported: its `.pub` is the run-name pin
 
 log = logging.getLogger(__name__)
 
 
-class LedgerError(ValueError):
-    """The ledger file or its key cannot be used as asked (message names the file, line or record)."""
-
-
-# ---------------------------------------------------------------- keys
-
-
-def default_key_path(run_dir: str | Path) -> Path:
-    """`<runs>/.keys/<run>.ed25519`: beside the run directory, never inside it."""
-    run_dir = Path(run_dir).resolve()
-    return run_dir.parent / ".keys" / f"{run_dir.name}.ed25519"
-
-
-def _new_key(path: Path) -> Ed25519PrivateKey:
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        raise LedgerError(
-            f"{path}: a signing key already exists but the run has no ledger; remove it or name another key path"
-        ) from None
-    with os.fdopen(fd, "wb") as f:
-        f.write(pem)
-    Path(str(path) + ".pub").write_text(public_hex(key) + "\n")
-    return key
-
-
-def public_hex(key: Ed25519PrivateKey) -> str:
-    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
-
-
-def load_private_key(path: Path) -> Ed25519PrivateKey:
-    if not path.is_file():
-        raise LedgerError(f"{path}: the run's signing key is missing; the ledger cannot be continued")
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise LedgerError(f"{path}: not an Ed25519 private key")
-    return key
-
-
-# ---------------------------------------------------------------- writing
+# ---------------------------------------------------------------- writing (keys: training/ledger_keys.py)
 
 
 def jsonable(x: Any) -> Any:
@@ -142,7 +101,9 @@ class Ledger:
 
     Args (of `open`):
         run_dir: the run directory; the ledger is `run_dir/ledger.jsonl`.
-        key_path: the Ed25519 private key; default `default_key_path(run_dir)`, created for a new run.
+        key_path: the Ed25519 private key (`--key`); by default a new run creates one in the key dir and a
+            continued run finds it there by the key id its genesis names (training/ledger_keys.py).
+        key_dir: the key dir (`--key-dir`); default `$KMOE_KEY_DIR`, else `<runs>/.keys`.
         fsync: fsync after every record (survives power loss). With False every record is still flushed
             to the OS (survives a process crash) and fsync happens at each signature.
     """
@@ -158,15 +119,23 @@ class Ledger:
         self._f = None
 
     @classmethod
-    def open(cls, run_dir: str | Path, key_path: str | Path | None = None, fsync: bool = True) -> Ledger:
+    def open(
+        cls,
+        run_dir: str | Path,
+        key_path: str | Path | None = None,
+        fsync: bool = True,
+        key_dir: str | Path | None = None,
+    ) -> Ledger:
         run_dir = Path(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
         path = run_dir / LEDGER_FILE
-        kp = Path(key_path) if key_path else default_key_path(run_dir)
+        existing = path.is_file() and path.stat().st_size > 0
+        if existing:  # found before anything is written: a missing key leaves the run as it was
+            key, kp = find_key(run_dir, genesis_key_id(path), key_path, key_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if not existing:
+            key, kp = create_key(run_dir, key_path, key_dir)
         if kp.resolve().is_relative_to(run_dir.resolve()):
             log.warning("ledger signing key %s is inside the run directory, as configured", kp)
-        existing = path.is_file() and path.stat().st_size > 0
-        key = load_private_key(kp) if existing else _new_key(kp)
         led = cls(path, key, kp, fsync)
         if existing:
             led._reopen()

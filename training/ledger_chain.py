@@ -18,6 +18,10 @@ GENESIS_PREV = "0" * 64
 SIG_DOMAIN = b"kmoe-ledger/1 head "
 
 
+class LedgerError(ValueError):
+    """The ledger file or its key cannot be used as asked (message names the file, line or record)."""
+
+
 # ---------------------------------------------------------------- reading
 
 
@@ -130,3 +134,12 @@ def verify_signature(public_key_hex: str, head: str, sig_hex: str) -> bool:
         return True
     except (InvalidSignature, ValueError):
         return False
+
+
+def genesis_key_id(path: Path) -> str:
+    """The key id the genesis record (first line) of a ledger file names."""
+    lines = read_lines(path)
+    genesis = lines[0].record if lines else None
+    if not genesis or genesis.get("kind") != "genesis" or not genesis.get("key_id"):
+        raise LedgerError(f"{path}: line 1 is not a genesis record naming its key id; cannot continue it")
+    return str(genesis["key_id"])

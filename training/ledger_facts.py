@@ -76,6 +76,8 @@ def devices() -> list[str]:
 
 
 def environment(world_size: int = 1, hostnames: Sequence[str] | None = None) -> dict[str, Any]:
+    from . import numerics
+
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
@@ -83,4 +85,5 @@ def environment(world_size: int = 1, hostnames: Sequence[str] | None = None) -> 
         "devices": devices(),
         "world_size": int(world_size),
         "hostnames": sorted(set(hostnames)) if hostnames else [socket.gethostname()],
+        "numerics": numerics.capture(),  # what bit-exact replay depends on (training/numerics.py)
     }

@@ -58,6 +58,25 @@ def dead_experts(load_LE: torch.Tensor) -> list[dict[str, Any]]:
     ]
 
 
+def balance_summary(path: Path, every: int) -> str:
+    """One line on expert balance over a whole run from its metrics.jsonl (a step logged again after a resume
+    counts once, its last line): the last interval's load CV and the intervals with an expert without tokens."""
+    rows: dict[int, dict[str, Any]] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            row = json.loads(line)
+            if "expert_max_cv" in row and "event" not in row:
+                rows[row["step"]] = row
+    if not rows:
+        return ""
+    last = rows[max(rows)]
+    collapsed = [s for s in sorted(rows) if rows[s]["expert_dead_frac"] > 0]
+    text = (f"final expert load CV {last['expert_max_cv']:.3f} (worst MoE layer, steps {last['step'] - every + 1}-"
+            f"{last['step']}); {every}-step windows in which a routed expert got no tokens: {len(collapsed)} of "
+            f"{len(rows)}")  # fmt: skip
+    return text + (f" (ending at steps {', '.join(map(str, collapsed[:8]))})" if collapsed else "")
+
+
 class MetricsLogger:
     """Writes on rank 0 only; other ranks get a logger that accepts calls and writes nothing."""
 

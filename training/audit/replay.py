@@ -2,9 +2,14 @@
 
 Loads the checkpoint recorded at step K, re-reads each recorded batch by its sample indices, checks it against
 the recorded batch hash, runs the step, compares loss and grad norm with the record, and after N steps compares
-the weights with the checkpoint recorded at step K+N: bitwise where the environment matches (CPU, fp32, same
-versions), otherwise as the distance to that checkpoint relative to the size of the update since step K, which
-must stay below `tolerance`. Reports the first step that diverges.
+the weights with the checkpoint recorded at step K+N. First it sets this process to the numerical environment
+the genesis records (training/numerics.py: thread count, deterministic settings) and names what it cannot set
+(torch build, CPU ISA, device, world size). Bit for bit is the expected outcome where all of it holds;
+otherwise, or where something unrecorded differs, the verdict is by tolerance: each step's loss and grad norm
+within `step_tolerance` (relative) of the record, and the weights' distance to the checkpoint relative to the
+size of the update since step K below `tolerance`. Float-order noise stays orders of magnitude below both; a
+changed batch or changed weights does not (docs/ledger.md has the measurements). `exact` demands bits.
+Reports the first step that diverges.
 
 The training program supplies a `ReplayEngine`, registered under the `trainer` name its genesis record carries
 (`register_engine`): `kmoe train` records `kmoe-train` (training/audit/trainer_replay.py), the reference loop
@@ -24,11 +29,13 @@ from typing import Any, Protocol
 import torch
 
 from kmoe.hashing import LEGACY_SCHEME, named_merkle_root, state_digests, tensor_digest
+from training import numerics
 from training.audit.init_check import read_genesis
 from training.ledger_chain import LEDGER_FILE, read_lines, walk_chain
 
 log = logging.getLogger(__name__)
 DEFAULT_TOLERANCE = 1e-3  # |theta_replay - theta_recorded| / |theta_recorded - theta_K| when not bitwise
+DEFAULT_STEP_TOLERANCE = 1e-3  # |replayed - recorded| / |recorded| of each step's loss and grad norm
 
 
 class ReplayEngine(Protocol):
@@ -71,6 +78,11 @@ class ReplayResult:
     bitwise: bool = False
     relative_distance: float | None = None
     tolerance: float = DEFAULT_TOLERANCE
+    step_tolerance: float = DEFAULT_STEP_TOLERANCE
+    max_deviation: dict[str, float] = field(default_factory=dict)  # largest relative step deviation per key
+    step_deviation: dict[int, dict[str, float]] = field(default_factory=dict)  # step -> key -> deviation
+    environment_set: list[str] = field(default_factory=list)  # recorded settings this process was set to
+    environment_differs: list[str] = field(default_factory=list)  # recorded facts that do not hold here
 
     @property
     def ok(self) -> bool:
@@ -137,10 +149,24 @@ def plan(
     return ckpts[from_step], todo, ckpts[from_step + steps]
 
 
-def _same(recorded: Any, value: float) -> bool:
-    if isinstance(recorded, str):  # "nan"/"inf" as the ledger writes non-finite values
-        return not math.isfinite(value) and str(float(recorded)) == str(value)
-    return recorded == value
+def deviation(recorded: Any, value: float) -> float:
+    """Relative deviation of a replayed value from the recorded one: 0 when identical, inf when only one of
+    them is finite or a value is missing ("nan"/"inf" are how the ledger writes non-finite values)."""
+    try:
+        rec = float(recorded)
+    except (TypeError, ValueError):
+        return math.inf
+    if not (math.isfinite(rec) and math.isfinite(value)):
+        return 0.0 if str(rec) == str(value) else math.inf
+    return 0.0 if rec == value else abs(value - rec) / max(abs(rec), 1e-30)
+
+
+def _engine(run_dir: Path, trainer: str, shards: str | None) -> ReplayEngine:
+    if trainer not in ENGINES and trainer in ENGINE_MODULES:
+        importlib.import_module(ENGINE_MODULES[trainer])
+    if trainer not in ENGINES:
+        raise ValueError(f"no replay engine registered for trainer {trainer!r} (known: {sorted(ENGINES)})")
+    return ENGINES[trainer](run_dir, **({"shards": shards} if shards else {}))
 
 
 def replay(
@@ -149,44 +175,66 @@ def replay(
     steps: int | None,
     tolerance: float = DEFAULT_TOLERANCE,
     shards: str | None = None,
+    step_tolerance: float = DEFAULT_STEP_TOLERANCE,
+    threads: int | None = None,
+    exact: bool = False,
 ) -> ReplayResult:
+    """Re-execute steps from_step+1..from_step+steps (see the module doc). `threads` replays at that
+    intra-op thread count instead of the recorded one; `exact` fails on any bit of difference."""
     run_dir = Path(run_dir)
     recs = _records(run_dir)
     from_step, steps = resolve_span(run_dir, from_step, steps, recs)
     start, todo, target = plan(run_dir, from_step, steps, recs)
-    trainer = read_genesis(run_dir).get("trainer", "kmoe")
-    if trainer not in ENGINES and trainer in ENGINE_MODULES:
-        importlib.import_module(ENGINE_MODULES[trainer])
-    if trainer not in ENGINES:
-        raise ValueError(f"no replay engine registered for trainer {trainer!r} (known: {sorted(ENGINES)})")
-    engine = ENGINES[trainer](run_dir, **({"shards": shards} if shards else {}))
-    engine.load(run_dir / start["path"])
-    theta0 = {k: v.clone() for k, v in engine.model_state().items()}
-    res = ReplayResult(from_step, from_step + steps, target["path"], tolerance=tolerance)
-    for rec in todo:
-        batch = engine.batch(rec.get("samples") or {"list": rec.get("sample_indices") or []})
-        if tensor_digest(batch) != rec.get("batch_hash"):
-            res.divergences.append(
-                f"step {rec['step']} (seq {rec['seq']}): re-read batch does not match its hash"
+    genesis = read_genesis(run_dir)
+    env = genesis.get("environment") or {}
+    res = ReplayResult(from_step, from_step + steps, target["path"], tolerance=tolerance,
+                       step_tolerance=0.0 if exact else step_tolerance)  # fmt: skip
+    with numerics.reproduced(env.get("numerics"), threads) as rep:
+        res.environment_set, res.environment_differs = rep.set, list(rep.differs)
+        if int(env.get("world_size") or 1) > 1:
+            res.environment_differs.append(
+                f"world size {env['world_size']} recorded, replayed in 1 process (another summation order)"
             )
-        out = engine.step(batch)
-        for key in ("loss", "grad_norm"):
-            if not _same(rec.get(key), out[key]):
-                res.divergences.append(
-                    f"step {rec['step']} (seq {rec['seq']}): {key} {out[key]!r} != recorded {rec.get(key)!r}"
-                )
-        if res.divergences and res.first_divergence is None:
-            res.first_divergence = rec["step"]
-    _compare_weights(res, engine.model_state(), theta0, target, run_dir)
+        engine = _engine(run_dir, genesis.get("trainer", "kmoe"), shards)
+        engine.load(run_dir / start["path"])
+        theta0 = {k: v.clone() for k, v in engine.model_state().items()}
+        for rec in todo:
+            _replay_step(res, engine, rec)
+        _compare_weights(res, engine.model_state(), theta0, target, run_dir, exact)
     return res
 
 
-def _compare_weights(res: ReplayResult, state: dict, theta0: dict, target: dict, run_dir: Path) -> None:
+def _replay_step(res: ReplayResult, engine: ReplayEngine, rec: dict[str, Any]) -> None:
+    where = f"step {rec['step']} (seq {rec['seq']})"
+    batch = engine.batch(rec.get("samples") or {"list": rec.get("sample_indices") or []})
+    if tensor_digest(batch) != rec.get("batch_hash"):
+        res.divergences.append(f"{where}: re-read batch does not match its hash")
+    out = engine.step(batch)
+    for key in ("loss", "grad_norm"):
+        dev = deviation(rec.get(key), out[key])
+        res.step_deviation.setdefault(rec["step"], {})[key] = dev
+        res.max_deviation[key] = max(res.max_deviation.get(key, 0.0), dev)
+        if dev > res.step_tolerance:
+            res.divergences.append(
+                f"{where}: {key} {out[key]!r} != recorded {rec.get(key)!r} (relative deviation {dev:.1e} > "
+                f"step tolerance {res.step_tolerance:g})"
+            )
+    if res.divergences and res.first_divergence is None:
+        res.first_divergence = rec["step"]
+
+
+def _compare_weights(
+    res: ReplayResult, state: dict, theta0: dict, target: dict, run_dir: Path, exact: bool = False
+) -> None:
     # the target's roots are over digests of the scheme its record names (none: a ledger from before schemes)
     root = named_merkle_root(state_digests(state, target.get("digest_scheme", LEGACY_SCHEME)))
     res.bitwise = root == (target.get("roots") or {}).get("model")
     if res.bitwise:
         return
+    if exact:
+        res.divergences.append(
+            f"weights after step {res.to_step} are not bit for bit {target['path']} (--exact)"
+        )
     from model.checkpoint import load_model_dir
 
     _, recorded = load_model_dir(run_dir / target["path"])  # an absolute recorded path stays absolute

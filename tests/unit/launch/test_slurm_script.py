@@ -12,6 +12,7 @@ from kmoe.cli import main
 from kmoe.configtree import ConfigError
 from launch import slurm
 from training.config import config_hash, load_run_config, slurm_time_seconds
+from training.ledger import Ledger
 from training.toy_shards import write_toy_shards
 
 TOY = str(Path(__file__).resolve().parents[3] / "configs/train/toy.yaml")
@@ -113,6 +114,7 @@ def test_layout_error_says_the_launch_shape():
         ("run dir under a file", "--run-dir"),
         ("python", "launch.python"),
         ("no sbatch", "sbatch not found"),
+        ("a continued run without its key", "signing key"),
     ],
 )
 def test_preflight_refuses_what_would_fail_on_the_nodes(shards, tmp_path, monkeypatch, case, message):
@@ -128,6 +130,12 @@ def test_preflight_refuses_what_would_fail_on_the_nodes(shards, tmp_path, monkey
         sets.append(f"launch.python={tmp_path}/nopython")
     if case == "no sbatch":
         monkeypatch.setenv("PATH", str(tmp_path))
+    if case == "a continued run without its key":  # a run moved here without its key dir
+        ledger = Ledger.open(tmp_path / "scratch" / "run")
+        ledger.genesis(config={}, seed=1, init_state={"w": "0" * 64})
+        ledger.close()
+        run_dir.mkdir()
+        (run_dir / "ledger.jsonl").write_bytes((tmp_path / "scratch/run/ledger.jsonl").read_bytes())
     plan = slurm.plan(TOY, sets, run_dir=str(run_dir))
     with pytest.raises(ValueError, match=message.replace("(", r"\(")):
         slurm.preflight(plan)

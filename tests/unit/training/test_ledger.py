@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -39,14 +41,16 @@ def test_records_chain_and_close_signs(tmp_path):
     assert verify_run(run).ok
 
 
-def test_key_lives_outside_the_run_dir_with_private_permissions(tmp_path):
+def test_key_lives_outside_the_run_dir_named_by_its_id_with_private_permissions(tmp_path):
     run = tmp_path / "runs" / "a"
     led = new_ledger(run)
-    key = default_key_path(run)
-    assert key == tmp_path / "runs" / ".keys" / "a.ed25519" and key.is_file()
+    key = led.key_path
+    assert key == tmp_path / "runs" / ".keys" / f"{led.key_id}.ed25519" and key.is_file()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert not any(p.suffix == ".ed25519" for p in run.rglob("*"))
-    assert (tmp_path / "runs/.keys/a.ed25519.pub").read_text().strip() == led.public_key
+    assert Path(f"{key}.pub").read_text().strip() == led.public_key
+    # the run-name pin `kmoe audit verify` reads by default
+    assert Path(f"{default_key_path(run)}.pub").read_text().strip() == led.public_key
 
 
 def test_reopen_continues_the_chain_and_records_a_torn_tail(tmp_path):
@@ -86,7 +90,7 @@ def test_a_broken_ledger_or_a_foreign_key_is_refused_on_reopen(tmp_path):
     other = tmp_path / "b"
     new_ledger(other).close()
     with pytest.raises(LedgerError, match="not the key named in the genesis"):
-        Ledger.open(other, key_path=default_key_path(run))
+        Ledger.open(other, key_path=led.key_path)
 
 
 def test_non_finite_values_and_compact_fields(tmp_path):
@@ -133,3 +137,51 @@ def test_periodic_signature_bounds_the_unsigned_tail_of_a_crash(tmp_path):
         "seq 3..3: 1 record(s) after the last signature are not covered by any signature "
         "(appended without the run's key, or the run stopped without signing)"
     ]
+
+
+def continues(run, **kw) -> Ledger:
+    led = Ledger.open(run, **kw)
+    assert led.resumed
+    done = sum(ln.record["kind"] == "step" for ln in read_lines(run / LEDGER_FILE) if ln.record)
+    step(led, done + 1)
+    led.close()
+    assert verify_run(run).ok
+    return led
+
+
+def test_a_renamed_or_copied_run_finds_its_key_by_id(tmp_path):
+    runs = tmp_path / "runs"
+    led = new_ledger(runs / "a")
+    led.close()
+    (runs / "a").rename(runs / "b")
+    assert continues(runs / "b").key_path == led.key_path
+    shutil.copytree(runs / "b", tmp_path / "project" / "b")
+    with pytest.raises(LedgerError) as e:
+        Ledger.open(tmp_path / "project" / "b")
+    msg = str(e.value)  # one line: the key id, where it looked, how to pass it
+    assert "\n" not in msg and led.key_id[:16] in msg and str(tmp_path / "project" / ".keys") in msg
+    assert "--key FILE" in msg and "--key-dir DIR" in msg and "KMOE_KEY_DIR" in msg
+    assert not (tmp_path / "project" / ".keys").exists()  # looking wrote nothing
+    assert continues(tmp_path / "project" / "b", key_dir=runs / ".keys").key_path == led.key_path
+    assert continues(tmp_path / "project" / "b", key_path=led.key_path).key_path == led.key_path
+
+
+def test_key_dir_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("KMOE_KEY_DIR", str(tmp_path / "keys"))
+    led = new_ledger(tmp_path / "runs" / "a")
+    led.close()
+    assert led.key_path == tmp_path / "keys" / f"{led.key_id}.ed25519"
+    assert not (tmp_path / "runs" / ".keys").exists()  # nothing beside the run: the key dir is configured
+    shutil.copytree(tmp_path / "runs" / "a", tmp_path / "elsewhere" / "z")
+    assert continues(tmp_path / "elsewhere" / "z").key_path == led.key_path
+
+
+def test_a_key_named_by_run_from_before_key_ids_is_still_found(tmp_path):
+    runs = tmp_path / "runs"
+    legacy = default_key_path(runs / "old")  # <runs>/.keys/old.ed25519, as runs were keyed before
+    led = new_ledger(runs / "old", key_path=legacy)
+    led.close()
+    assert led.key_path == legacy
+    assert continues(runs / "old").key_path == legacy
+    (runs / "old").rename(runs / "renamed")
+    assert continues(runs / "renamed").key_path == legacy

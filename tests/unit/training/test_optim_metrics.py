@@ -1,10 +1,12 @@
 """Weight-decay groups, gradient clipping, expert-balance statistics and the collapse alarm."""
 
+import json
+
 import torch
 
 from model import ModelConfig, MoETransformer
 from training import optim
-from training.metrics import dead_experts, expert_balance
+from training.metrics import balance_summary, dead_experts, expert_balance
 
 CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, max_seq_len=16,
                   first_k_dense=1, dense_intermediate_size=32, num_experts=4, expert_intermediate_size=16,
@@ -38,3 +40,18 @@ def test_expert_balance_and_dead_alarm():
     assert bal["layers"][0]["cv"] == 0.0 and bal["layers"][1]["max_share"] == 1.0
     assert bal["dead_frac"] == 0.75
     assert dead_experts(load) == [{"moe_layer": 1, "experts": [1, 2, 3]}]
+
+
+def test_balance_summary_counts_each_interval_once_after_a_resume(tmp_path):
+    rows = [{"step": 10, "expert_max_cv": 0.9, "expert_dead_frac": 0.25},
+            {"step": 20, "expert_max_cv": 0.5, "expert_dead_frac": 0.0},
+            {"event": "resume", "step": 15},
+            {"step": 20, "expert_max_cv": 0.4, "expert_dead_frac": 0.125},  # redone after the resume: this one counts
+            {"step": 30, "expert_max_cv": 0.2, "expert_dead_frac": 0.0}]  # fmt: skip
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert balance_summary(path, 10) == (
+        "final expert load CV 0.200 (worst MoE layer, steps 21-30); 10-step windows in which a routed expert "
+        "got no tokens: 2 of 3 (ending at steps 10, 20)"
+    )
+    assert balance_summary(tmp_path / "none.jsonl", 10) == ""

@@ -1,0 +1,80 @@
+"""What each training engine implements: the one table a run config is checked against before anything runs.
+
+`training.config.validate` calls `check_engine`, so `kmoe train` (dry run or not) and `kmoe launch slurm`
+refuse an engine, a parallel strategy, a parallel dimension or an engine option that the named engine does
+not implement, before a file, a key or a job exists. An engine that gains a feature flips its entry here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from kmoe.configtree import ConfigError
+from training.dims import PARALLEL_KEYS as PARALLEL_DIMS
+
+
+@dataclass(frozen=True)
+class EngineCapabilities:
+    implemented: bool
+    strategies: frozenset[str] = frozenset()  # parallel.strategy values it runs
+    parallel_dims: frozenset[str] = frozenset()  # parallel.* sizes that may exceed 1
+    options: dict[str, frozenset[Any]] = field(default_factory=dict)  # engine.<key> -> accepted values
+    hints: dict[str, str] = field(default_factory=dict)  # what to use instead, by config key
+
+
+CAPABILITIES: dict[str, EngineCapabilities] = {
+    "native": EngineCapabilities(
+        implemented=True,
+        strategies=frozenset({"auto", "single", "ddp", "fsdp"}),
+        hints={
+            "engine.zero_stage": "it has no ZeRO stages (parallel.strategy=fsdp shards parameters, gradients "
+            "and optimizer state, as ZeRO-3 does)",
+            "parallel": "it runs data parallel only (parallel.strategy single/ddp/fsdp)",
+        },
+    ),
+    "megatron": EngineCapabilities(implemented=False),
+    "deepspeed": EngineCapabilities(implemented=False),
+}
+
+
+def implemented_engines() -> list[str]:
+    return sorted(name for name, cap in CAPABILITIES.items() if cap.implemented)
+
+
+def check_engine(cfg: Any, world_size: int | None = None) -> None:
+    """Raise ConfigError naming the first `engine.*`/`parallel.*` setting the engine does not implement."""
+    name = cfg.engine.name
+    cap = CAPABILITIES.get(name)
+    if cap is None or not cap.implemented:
+        raise ConfigError(
+            f"engine.name: the {name!r} engine is not implemented yet (available: {', '.join(implemented_engines())})"
+        )
+    p = cfg.parallel
+    if p.strategy not in cap.strategies:
+        raise ConfigError(
+            f"parallel.strategy: {p.strategy!r} is not implemented by the {name} engine "
+            f"(it runs: {', '.join(sorted(cap.strategies))})"
+        )
+    if world_size is not None and world_size > 1 and p.strategy == "single":
+        raise ConfigError(f"parallel.strategy: 'single' with {world_size} ranks; use ddp or fsdp")
+    for dim in PARALLEL_DIMS:
+        size = getattr(p, dim)
+        if size > 1 and dim not in cap.parallel_dims:
+            hint = cap.hints.get(f"parallel.{dim}", cap.hints.get("parallel", ""))
+            raise ConfigError(
+                f"parallel.{dim}: {size} is not implemented by the {name} engine"
+                + (f"; {hint}" if hint else "")
+            )
+    defaults = type(cfg.engine)()
+    for f in fields(cfg.engine):
+        if f.name == "name":
+            continue
+        value, accepted = getattr(cfg.engine, f.name), cap.options.get(f.name)
+        if (value in accepted) if accepted is not None else value == getattr(defaults, f.name):
+            continue
+        if accepted is not None:
+            hint = f"it accepts {', '.join(map(repr, sorted(accepted)))}"
+        else:
+            hint = f"{cap.hints.get(f'engine.{f.name}', 'it does not read it')}; leave it at {getattr(defaults, f.name)!r}"
+        raise ConfigError(f"engine.{f.name}: {value!r} is not implemented by the {name} engine; {hint}")
