@@ -218,7 +218,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 # What each engine implements beyond data parallelism (its `parallel.*` keys above 1, its strategies); any
 # other setting is refused naming the key rather than silently ignored.
 ENGINE_PARALLEL: dict[str, set[str]] = {
-    "native": set(),
+    "native": {"expert_parallel"},
 }
 
 

@@ -137,7 +137,7 @@ def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("contract")
 
 
-@pytest.fixture(params=CASES, ids=[c.id for c in CASES])
+@pytest.fixture(params=[pytest.param(c, id=c.id, marks=[pytest.mark.full] if c.full else []) for c in CASES])
 def case(request) -> EngineCase:
     return request.param
 
