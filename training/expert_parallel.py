@@ -110,3 +110,5 @@ def fully_shard_experts(moe: MoE, mesh: DeviceMesh, world: int, mp_policy) -> No
     dim = 1 if local < efsdp.size() else 0
     fully_shard(moe.experts, mesh=efsdp, mp_policy=mp_policy, shard_placement_fn=lambda _: Shard(dim))
     moe.experts.set_gradient_divide_factor(float(world))
+    if efsdp.device_type == "cpu":  # gloo has no PREMUL_SUM: reduce with SUM, then divide
+        moe.experts.set_force_sum_reduction_for_comms(True)

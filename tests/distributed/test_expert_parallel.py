@@ -16,7 +16,7 @@ from multirank import rank_info, run_distributed_test
 
 REPO = Path(__file__).resolve().parents[2]
 TOY = str(REPO / "configs/train/toy.yaml")
-TINY_MODEL = str(REPO / "configs/model/tiny.yaml")
+TINY = str(REPO / "configs/train/tiny.yaml")
 
 
 def _reference_moe(cfg):
@@ -105,25 +105,24 @@ def test_each_rank_runs_only_its_experts_on_tokens_it_received(world, ep):
         assert r["load_same"]  # the load counts this rank's routing decisions, all E experts
 
 
-def train_run(shards: str, steps: int, overrides: tuple[str, ...]) -> list[dict]:
-    """`steps` trainer steps on batches 0..steps-1: loss and global expert load of each."""
+def train_run(shards: str, steps: int, overrides: tuple[str, ...], config: str = TOY) -> list[dict]:
+    """`steps` trainer steps of `config` on batches 0..steps-1: loss and global expert load of each."""
     import tempfile
 
     import torch.distributed as dist
+    from toy_runs import one_process
 
     from training.config import load_run_config
-    from training.parallel import DistInfo
     from training.trainer import Trainer
 
     base = [f"data.shards={shards}", f"train.steps={steps}", "log.wandb=false", "train.eval_every=0"]
-    cfg = load_run_config(TOY, base + list(overrides))
-    info = rank_info() if dist.is_initialized() else DistInfo(0, 1, 0, torch.device("cpu"))
+    cfg = load_run_config(config, base + list(overrides))
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = Trainer(cfg, Path(tmp), info)
+        trainer = Trainer(cfg, Path(tmp), rank_info() if dist.is_initialized() else one_process())
         trainer.build(write_metrics=False)
         out = []
         for i in range(steps):
-            res = trainer.apply_batch(trainer.data.global_batch(i))
+            res = trainer.replay_step(trainer.data.global_batch(i))
             out.append(
                 {"loss": res.loss, "load": res.load_LE.long().tolist(), "layout": trainer.engine.layout()}
             )
@@ -132,7 +131,7 @@ def train_run(shards: str, steps: int, overrides: tuple[str, ...]) -> list[dict]
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    from training.toy_shards import write_toy_shards
+    from toy_shards import write_toy_shards
 
     return str(write_toy_shards(tmp_path_factory.mktemp("toy"), n_docs=80))
 
@@ -151,45 +150,52 @@ def test_activation_checkpointing_changes_neither_losses_nor_expert_counts(shard
 
 
 def tiny_run(shards: str, steps: int, overrides: tuple[str, ...]) -> list[dict]:
-    """`train_run` on configs/train/tiny.yaml (the tiny model) over the toy shards."""
-    import training.config as C
-
-    tiny = C.load_run_config(str(REPO / "configs/train/tiny.yaml"))
-    model = [f"model.{k}={v}" for k, v in C.config_dict(tiny)["model"].items() if v is not None]
-    more = ("train.global_batch_size=16", "train.micro_batch_size=4", "data.seq_len=128", "data.blend={}")
-    return train_run(shards, steps, (*model, *more, "train.lr=3e-3", "train.warmup_steps=5", *overrides))
+    """configs/train/tiny.yaml (model, batch, schedule) on the toy shards, micro-batches of 4 (4 ranks)."""
+    return train_run(shards, steps, ("train.micro_batch_size=4", *overrides), config=TINY)
 
 
-def _drift(a: list[dict], b: list[dict]) -> tuple[float, float]:
-    """Largest relative loss difference and largest expert-count difference as a share of the routed total."""
-    loss = max(abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(a, b, strict=True))
-    counts = max(
-        max(abs(p - q) for p, q in zip(lx, ly, strict=True)) / sum(ly)
+def _drift(a: list[dict], b: list[dict]) -> tuple[list[float], list[float]]:
+    """Per step: relative loss difference, and the largest expert-count difference as a share of the total."""
+    loss = [abs(x["loss"] - y["loss"]) / abs(y["loss"]) for x, y in zip(a, b, strict=True)]
+    counts = [
+        max(
+            max(abs(p - q) for p, q in zip(lx, ly, strict=True)) / sum(ly)
+            for lx, ly in zip(x["load"], y["load"])
+        )
         for x, y in zip(a, b, strict=True)
-        for lx, ly in zip(x["load"], y["load"], strict=True)
-    )
+    ]
     return loss, counts
 
 
+@pytest.fixture(scope="module")
+def tiny_shards(shards) -> str:
+    """The demo shards the tiny config trains on (`make demo-data`), else the toy shards."""
+    demo = REPO / ".cache/demo/data"
+    return str(demo) if (demo / "manifest.json").is_file() else shards
+
+
 @pytest.mark.full
-def test_ep_on_four_ranks_follows_the_single_process_run(shards):
-    steps = 20
+def test_ep_on_four_ranks_follows_the_single_process_run(tiny_shards):
+    steps, shards = 20, tiny_shards
     single = tiny_run(shards, steps, ())
     fsdp4 = run_distributed_test(tiny_run, 4, args=(shards, steps, ("parallel.strategy=fsdp",)))[0]
     ep2 = run_distributed_test(tiny_run, 4, args=(shards, steps, ("parallel.expert_parallel=2",)))[0]
     ep4 = run_distributed_test(tiny_run, 4, args=(shards, steps, ("parallel.expert_parallel=4",)))[0]
     base_loss, base_counts = _drift(fsdp4, single)
+    # The tolerance: what plain FSDP on 4 ranks itself reaches (summation order), at most 5e-4.
+    tolerance = min(max(2 * max(base_loss), 1e-6), 5e-4)
+    print(f"\nFSDPx4 vs one process, steps 1..{steps}: loss rel " + " ".join(f"{x:.1e}" for x in base_loss))
     print(
-        f"\nFSDPx4 vs one process over {steps} steps: loss {base_loss:.2e} rel, counts {base_counts:.2%} of total"
+        f"  max {max(base_loss):.2e}; counts max {max(base_counts):.2%} of total; tolerance {tolerance:.1e}"
     )
-    for name, run in (("EP=2 x FSDP=2", ep2), ("EP=4", ep4)):
-        assert run[0]["layout"]["expert_parallel"] == int(name[3]) and run[0]["layout"]["world_size"] == 4
+    for name, ep, run in (("EP=2 x FSDP=2", 2, ep2), ("EP=4", 4, ep4)):
+        assert run[0]["layout"]["expert_parallel"] == ep and run[0]["layout"]["world_size"] == 4
         assert run[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-6)
         assert run[0]["load"] == single[0]["load"]  # step 1: the same routing, exactly
         loss, counts = _drift(run, single)
-        print(f"{name} vs one process: loss {loss:.2e} rel, counts {counts:.2%} of total")
-        assert loss <= max(base_loss, 5e-4) and loss <= 5e-4
-        assert counts <= 0.02
+        print(f"{name} vs one process: loss rel " + " ".join(f"{x:.1e}" for x in loss))
+        print(f"  max {max(loss):.2e}; counts max {max(counts):.2%} of total")
+        assert max(loss) <= tolerance and max(counts) <= 0.02
     ac = run_distributed_test(
         tiny_run,
         4,

@@ -7,8 +7,9 @@ versions), otherwise as the distance to that checkpoint relative to the size of 
 must stay below `tolerance`. Reports the first step that diverges.
 
 The training program supplies a `ReplayEngine`, registered under the `trainer` name its genesis record carries
-(`register_engine`): `kmoe train` records `kmoe-train` (training/audit/trainer_replay.py), the reference loop
-(training/audit/minirun.py) `kmoe-minirun`. A skipped step (a `skip_step` event) is replayed like any other.
+(`register_engine`): `kmoe train` records `kmoe-train` (training/audit/trainer_replay.py). Runs of the retired
+reference loop `kmoe-minirun` (a second training loop the audit tests once used) are refused with a message
+saying so. A skipped step (a `skip_step` event) is replayed like any other.
 """
 
 from __future__ import annotations
@@ -52,7 +53,11 @@ ENGINES: dict[str, Callable[..., ReplayEngine]] = {}
 ENGINE_MODULES = {
     "kmoe-train": "training.audit.trainer_replay",
     "kmoe": "training.audit.trainer_replay",  # the Ledger's default name: what `kmoe train` wrote before naming itself
-    "kmoe-minirun": "training.audit.minirun",
+}
+# trainers whose runs can no longer be replayed, and why
+RETIRED = {
+    "kmoe-minirun": "the reference loop training/audit/minirun.py was removed (one training loop: `kmoe train`); "
+    "replay works on runs written by `kmoe train`",
 }
 
 
@@ -151,10 +156,17 @@ def replay(
     shards: str | None = None,
 ) -> ReplayResult:
     run_dir = Path(run_dir)
+    retired = RETIRED.get(read_genesis(run_dir).get("trainer", "kmoe"))
+    if retired:
+        raise ValueError(f"{run_dir}: its genesis names a trainer that cannot be replayed: {retired}")
     recs = _records(run_dir)
     from_step, steps = resolve_span(run_dir, from_step, steps, recs)
     start, todo, target = plan(run_dir, from_step, steps, recs)
     trainer = read_genesis(run_dir).get("trainer", "kmoe")
+    if trainer in RETIRED:
+        raise ValueError(
+            f"{run_dir}: written by trainer {trainer!r}, which cannot be replayed: {RETIRED[trainer]}"
+        )
     if trainer not in ENGINES and trainer in ENGINE_MODULES:
         importlib.import_module(ENGINE_MODULES[trainer])
     if trainer not in ENGINES:
