@@ -185,17 +185,18 @@ def test_ep_on_four_ranks_follows_the_single_process_run(tiny_shards):
     # The tolerance: what plain FSDP on 4 ranks itself reaches (summation order), at most 5e-4.
     tolerance = min(max(2 * max(base_loss), 1e-6), 5e-4)
     print(f"\nFSDPx4 vs one process, steps 1..{steps}: loss rel " + " ".join(f"{x:.1e}" for x in base_loss))
-    print(
-        f"  max {max(base_loss):.2e}; counts max {max(base_counts):.2%} of total; tolerance {tolerance:.1e}"
-    )
+    print("  expert counts off by (share of total) " + " ".join(f"{x:.2%}" for x in base_counts))
     for name, ep, run in (("EP=2 x FSDP=2", 2, ep2), ("EP=4", 4, ep4)):
         assert run[0]["layout"]["expert_parallel"] == ep and run[0]["layout"]["world_size"] == 4
         assert run[0]["loss"] == pytest.approx(single[0]["loss"], rel=1e-6)
         assert run[0]["load"] == single[0]["load"]  # step 1: the same routing, exactly
         loss, counts = _drift(run, single)
         print(f"{name} vs one process: loss rel " + " ".join(f"{x:.1e}" for x in loss))
-        print(f"  max {max(loss):.2e}; counts max {max(counts):.2%} of total")
-        assert max(loss) <= tolerance and max(counts) <= 0.02
+        print("  expert counts off by (share of total) " + " ".join(f"{x:.2%}" for x in counts))
+        assert max(loss) <= tolerance, (max(loss), tolerance)
+        # Each route FSDP's rounding flips also moves the aux-free bias (a sign of count - mean), so counts
+        # drift in bursts even without EP: EP may add at most 2% of the total to what plain FSDP x4 shows.
+        assert all(c <= b + 0.02 for c, b in zip(counts, base_counts, strict=True)), counts
     ac = run_distributed_test(
         tiny_run,
         4,
