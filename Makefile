@@ -150,8 +150,8 @@ clean:
 	rm -rf $(VENV) .cache runs
 
 # Launch: the tiny run's sbatch script, rendered and checked against the demo shards (not submitted). Then, where
-# this machine can run a private SLURM (root, Debian's slurm-wlm installed), the toy model trains as a real job of
-# 2 CPU ranks through it; a job of the `urgent` partition preempts it once it trains, it checkpoints, requeues
+# this machine can run a private SLURM (root, Debian's slurm-wlm installed), the toy model (with the demo
+# tokenizer's vocabulary) trains on the demo shards as a real job of 2 CPU ranks through it; a job of the `urgent` partition preempts it once it trains, it checkpoints, requeues
 # itself and resumes; its ledger is verified and the cluster stopped (about 45 s).
 SLURM_ROOT := .cache/slurm
 TOY_RUN := $(DEMO)/runs/toy-slurm
@@ -162,10 +162,9 @@ demo-launch: install
 	@why=$$($(PY) -c "from launch.localslurm import unavailable; print(unavailable() or '')"); \
 	if [ -n "$$why" ]; then echo "demo-launch: no job through a local SLURM: $$why"; exit 0; fi; \
 	set -ex; trap '$(KMOE) launch local stop --root $(SLURM_ROOT)' EXIT; \
-	$(PY) -c "from training.toy_shards import write_toy_shards; write_toy_shards('$(DEMO)/toy')"; \
 	$(KMOE) launch local start --root $(SLURM_ROOT); export SLURM_CONF=$(SLURM_ROOT)/slurm.conf; \
 	rm -rf $(TOY_RUN) $(DEMO)/runs/.keys/toy-slurm.*; \
-	out=$$($(KMOE) launch slurm --config configs/train/toy.yaml --set data.shards=$(DEMO)/toy --set train.steps=300 \
+	out=$$($(KMOE) launch slurm --config configs/train/toy.yaml --set data.shards=$(DEMO)/data --set model.vocab_size=8192 --set train.steps=300 \
 	  --set checkpoint.every=50 --set train.eval_every=100 --set log.wandb=false --run-dir $(TOY_RUN)); \
 	echo "$$out"; job=$$(echo "$$out" | sed -n 1p); \
 	timeout 120 bash -c "until grep -qs '\"loss\"' $(TOY_RUN)/metrics.jsonl || [ -z \"\$$(squeue -h -j $$job)\" ]; do sleep 0.2; done"; \

@@ -23,6 +23,9 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the byte-level test tokenizer
+
+from byte_tokenizer import ByteTokenizer  # noqa: E402
 
 from data_prep.config import load_data_config  # noqa: E402
 from data_prep.pipeline import build, resolve_sources, text_pipeline  # noqa: E402
@@ -30,7 +33,6 @@ from data_prep.records import Doc  # noqa: E402
 from data_prep.sources.files import list_units, read_unit  # noqa: E402
 from data_prep.steps.base import Drop, StepCounts  # noqa: E402
 from data_prep.steps.dedup import DedupStep  # noqa: E402
-from data_prep.testing import ByteTokenizer  # noqa: E402
 
 
 def mb(docs: list[Doc]) -> float:

@@ -1,6 +1,7 @@
 """Ledger overhead per training step, against the tiny model's real train step measured in the same run.
 
-Train step: forward + backward + AdamW of model/ MoETransformer (configs/model/tiny.yaml) on random tokens.
+Train step: the native engine's step (forward, backward, clip, AdamW, router-bias update) of the tiny model
+(configs/model/tiny.yaml) on random tokens, as the trainer runs it.
 Ledger step: what the trainer adds per step for the audit record: the batch token hash (tensor_digest),
 expert-load statistics and one fsynced `Ledger.step()` record with the global batch's sample indices.
 Prints both medians and their ratio; the target is under 1%.
@@ -19,28 +20,42 @@ from pathlib import Path
 import torch
 
 from kmoe.hashing import tensor_digest
-from training.audit import minirun
+from training.config import load_run_config
+from training.engines import MicroBatch, build_engine
 from training.ledger import Ledger
+from training.parallel import DistInfo
+
+REPO = Path(__file__).resolve().parents[1]
 
 
-def time_train(run: minirun.MiniRun, steps: int) -> tuple[list[float], list]:
+def random_batch(cfg, gen: torch.Generator) -> torch.Tensor:
+    b, s = cfg.train.global_batch_size, cfg.data.seq_len
+    return torch.randint(0, cfg.model.vocab_size, (b, s + 1), generator=gen)
+
+
+def time_train(cfg, steps: int) -> tuple[list[float], list]:
+    engine = build_engine(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    engine.build(cfg.train.seed)
+    gen = torch.Generator().manual_seed(0)
     times, loads = [], []
     for i in range(steps + 2):
-        tokens, _ = minirun.batch(run)
+        tokens = random_batch(cfg, gen)
+        micro = MicroBatch(tokens[:, :-1], tokens[:, 1:], torch.ones(tokens.shape[0], tokens.shape[1] - 1),
+                           loss_scale=1.0 / tokens[:, 1:].numel(), aux_scale=1.0, last=True)  # fmt: skip
         t0 = time.perf_counter()
-        minirun.train_step(run, tokens)
-        loads.append(run.model.update_router_bias())
+        engine.train_batch([micro])
+        loads.append(engine.step(cfg.train.lr).expert_load_LE)
         if i >= 2:  # two warm-up steps
             times.append(time.perf_counter() - t0)
     return times, loads
 
 
-def time_ledger(run: minirun.MiniRun, loads: list, records: int, fsync: bool) -> list[float]:
+def time_ledger(cfg, loads: list, records: int, fsync: bool) -> list[float]:
     with tempfile.TemporaryDirectory() as d:
         ledger = Ledger.open(Path(d) / "runs" / "bench", fsync=fsync)
         ledger.genesis(config={"bench": True}, seed=0, init_state={"w": "0" * 64})
-        b = run.cfg.train.global_batch_size
-        tokens, _ = minirun.batch(run)
+        b = cfg.train.global_batch_size
+        tokens = random_batch(cfg, torch.Generator().manual_seed(1))
         times = []
         for i in range(records):
             t0 = time.perf_counter()
@@ -63,17 +78,12 @@ def main() -> None:
     ap.add_argument("--records", type=int, default=200)
     args = ap.parse_args()
     torch.manual_seed(0)
-    cfg = minirun.make_config(
-        [
-            f"train.global_batch_size={args.batch}",
-            f"train.micro_batch_size={args.batch}",
-            f"data.seq_len={args.seq_len}",
-        ]
-    )
-    run = minirun.build(cfg)
-    train, loads = time_train(run, args.steps)
-    led = time_ledger(run, loads, args.records, fsync=True)
-    led_nofsync = time_ledger(run, loads, args.records, fsync=False)
+    sets = [f"train.global_batch_size={args.batch}", f"train.micro_batch_size={args.batch}",
+            f"data.seq_len={args.seq_len}"]  # fmt: skip
+    cfg = load_run_config(REPO / "configs/model/tiny.yaml", sets)
+    train, loads = time_train(cfg, args.steps)
+    led = time_ledger(cfg, loads, args.records, fsync=True)
+    led_nofsync = time_ledger(cfg, loads, args.records, fsync=False)
     t_train, t_led, t_nf = statistics.median(train), statistics.median(led), statistics.median(led_nofsync)
     print(
         f"tiny MoE train step (batch {args.batch} x seq {args.seq_len}, {torch.get_num_threads()} threads): "

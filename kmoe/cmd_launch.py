@@ -35,9 +35,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_status)
 
     p = lsub.add_parser(
-        "local", help="a private one-node SLURM on this machine (root; apt-get install slurm-wlm)"
+        "local", help="a private SLURM on this machine, 1+ emulated nodes (root; apt-get install slurm-wlm)"
     )
     p.add_argument("action", choices=["start", "stop"])
+    p.add_argument(
+        "--nodes", type=int, default=1, help="start: emulated nodes n1..nN (one slurmd each; default 1)"
+    )
     p.add_argument(
         "--root", default=".cache/slurm", help="state, logs and slurm.conf (default: .cache/slurm)"
     )
@@ -110,10 +113,11 @@ def _progress(run_dir: Path) -> str:
 def cmd_local(args: argparse.Namespace) -> int:
     from launch.localslurm import LocalSlurm
 
-    cluster = LocalSlurm(args.root)
+    cluster = LocalSlurm(args.root, nodes=args.nodes)
     if args.action == "start":
         cluster.start()
-        emit(f"local SLURM running; point the SLURM commands at it:\nexport SLURM_CONF={cluster.conf}")
+        emit(f"local SLURM running ({', '.join(cluster.nodes)}); point the SLURM commands at it:\n"
+             f"export SLURM_CONF={cluster.conf}")  # fmt: skip
     else:
         cluster.stop()
         emit(f"local SLURM under {cluster.root} stopped")

@@ -1,4 +1,5 @@
-"""A private SLURM cluster on this machine: munged, slurmctld and one slurmd, all state under one folder.
+"""A private SLURM cluster on this machine: munged, slurmctld and one slurmd per emulated node, all state under
+one folder.
 
 All but munged's socket: munged refuses a socket below any folder that not every user may enter (a checkout
 under a 0700 home or `mktemp -d` folder) and the socket path must fit AF_UNIX's 108 bytes, so the socket goes
@@ -11,6 +12,11 @@ slurm-wlm`). It needs root (slurmd starts job steps as their user) but no system
 are tracked by parent id (proctrack/linuxproc), tasks are not pinned (task/none), and the ports are free
 ones picked at start, so it runs beside a real SLURM installation without touching it. Jobs see it through
 `SLURM_CONF=<root>/slurm.conf` (see `env()`).
+
+With `nodes` > 1 it emulates that many nodes as SLURM's multiple-slurmd setup allows: nodes n1..nN share this
+machine's address and CPUs, each slurmd (`slurmd -N n<i>`) listens on its own port with its own spool, pid
+and log files, so multi-node jobs (`srun --nodes=2`, a torchrun per node meeting at the first node's address)
+run here as they would on a cluster.
 """
 
 from __future__ import annotations
@@ -40,18 +46,17 @@ SLURM_CONF = """\
 ClusterName=kmoelocal
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
-SlurmdPort={slurmd_port}
 SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket},cred_expire={requeue_delay}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+SlurmdSpoolDir={root}/spool/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
-SlurmdPidFile={root}/run/slurmd.pid
+SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
-SlurmdLogFile={root}/log/slurmd.log
+SlurmdLogFile={root}/log/slurmd-%n.log
 # No systemd or cgroups here: track processes by parent id, do not pin tasks, gather no accounting.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -70,10 +75,12 @@ MinJobAge=600
 # Jobs of `urgent` preempt jobs of `local`: SIGTERM to their steps, {grace} s to stop, then requeue.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
-NodeName={host} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=local Nodes={host} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={grace}
-PartitionName=urgent Nodes={host} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
+{node_lines}
+PartitionName=local Nodes={node_list} Default=YES MaxTime=INFINITE State=UP PriorityTier=1 GraceTime={grace}
+PartitionName=urgent Nodes={node_list} MaxTime=INFINITE State=UP PriorityTier=2 PreemptMode=OFF
 """
+# One line per node: its own slurmd port; several nodes share this machine's name and address.
+NODE_LINE = "NodeName={name} NodeHostname={host} NodeAddr=127.0.0.1 Port={port} CPUs={cpus} State=UNKNOWN"
 
 
 def unavailable() -> str | None:
@@ -141,39 +148,56 @@ def _until(done, timeout: float) -> bool:
 class LocalSlurm:
     """Start with `start()` (or `with LocalSlurm(root) as cluster:`), stop with `stop()`."""
 
-    def __init__(self, root: str | Path, cpus: int | None = None):
+    def __init__(self, root: str | Path, cpus: int | None = None, nodes: int = 1):
+        if nodes < 1:
+            raise ValueError(f"--nodes: must be >= 1, got {nodes}")
         self.root = Path(root).resolve()
         self.cpus = cpus or len(os.sched_getaffinity(0))
         self.host = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.munge_socket = munge_socket(self.root)
+        # One node keeps this machine's name; emulated nodes are n1..nN (each node's CPUs are all of them).
+        self.nodes = [self.host] if nodes == 1 else [f"n{i}" for i in range(1, nodes + 1)]
 
     def env(self) -> dict[str, str]:
         """The environment of a SLURM command (or a job submitted) on this cluster."""
         return dict(os.environ, SLURM_CONF=str(self.conf))
 
+    def _pid_files(self) -> list[Path]:
+        daemons = ["munged", "slurmctld"] + [f"slurmd-{n}" for n in self.nodes]
+        return [self.root / "run" / f"{d}.pid" for d in daemons]
+
     def running(self) -> bool:
-        return all(_pid(self.root / "run" / f"{d}.pid") for d in ("munged", "slurmctld", "slurmd"))
+        return all(_pid(f) for f in self._pid_files())
 
     def start(self, timeout: float = 60) -> LocalSlurm:
-        """Start the three daemons (a no-op when they run) and wait until the node takes jobs."""
+        """Start munged, slurmctld and a slurmd per node (a no-op when they run); wait until every node takes
+        jobs."""
         why = unavailable()
         if why:
             raise ValueError(why)
         if self.running():
             return self
+        if _pid(self.root / "run/slurmctld.pid"):
+            raise ValueError(f"a local SLURM with other nodes runs under {self.root}; stop it first")
         self._prepare()
         self._start_munge()
         self._run(["slurmctld", "-f", str(self.conf)])
-        self._run(["slurmd", "-f", str(self.conf), "-N", self.host])
+        for node in self.nodes:
+            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+            self._run(["slurmd", "-f", str(self.conf), "-N", node])
         if not _until(self._node_up, timeout):
-            raise RuntimeError(f"the local SLURM node did not come up in {timeout:.0f} s:\n{self.log_tail()}")
+            raise RuntimeError(
+                f"the local SLURM nodes did not come up in {timeout:.0f} s:\n{self.log_tail()}"
+            )
         log.info("local SLURM up: SLURM_CONF=%s", self.conf)
         return self
 
     def _node_up(self) -> bool:
-        states = set(self.command("sinfo", "-h", "-N", "-o", "%T", check=False).split())
-        return bool(states) and states <= {"idle", "mixed", "allocated"}
+        states = self.command("sinfo", "-h", "-N", "-o", "%N %T", check=False).split("\n")
+        up = {line.split()[0] for line in states if len(line.split()) == 2 and line.split()[1] in
+              ("idle", "mixed", "allocated")}  # fmt: skip
+        return up >= set(self.nodes)
 
     def _prepare(self) -> None:
         # munged refuses a socket folder that others cannot enter and a key that others can read.
@@ -187,16 +211,19 @@ class LocalSlurm:
         if not key.is_file():
             key.write_bytes(os.urandom(128))
             key.chmod(0o400)
+        lines = [
+            NODE_LINE.format(name=n, host=self.host, port=_free_port(), cpus=self.cpus) for n in self.nodes
+        ]
         self.conf.write_text(
             SLURM_CONF.format(
                 root=self.root,
                 socket=self.munge_socket,
                 host=self.host,
-                cpus=self.cpus,
                 ctld_port=_free_port(),
-                slurmd_port=_free_port(),
                 requeue_delay=REQUEUE_DELAY_S,
                 grace=PREEMPT_GRACE_S,
+                node_lines="\n".join(lines),
+                node_list=",".join(self.nodes),
             )  # fmt: skip
         )
 
@@ -231,8 +258,9 @@ class LocalSlurm:
                 self.command("scancel", *jobs, check=False)
                 _until(lambda: not self.command("squeue", "-h", "-o", "%i", check=False).strip(), timeout)
             self.command("scontrol", "shutdown", check=False)
-        for daemon in ("slurmd", "slurmctld", "munged"):
-            pid_file = self.root / "run" / f"{daemon}.pid"
+        run = self.root / "run"  # every slurmd that runs, whatever node count it was started with
+        for pid_file in [*sorted(run.glob("slurmd-*.pid")), run / "slurmctld.pid", run / "munged.pid"]:
+            daemon = pid_file.stem
             if daemon != "munged" and _until(lambda f=pid_file: _pid(f) is None, timeout / 2):
                 continue  # scontrol shutdown stopped it
             if pid := _pid(pid_file):
@@ -243,7 +271,7 @@ class LocalSlurm:
 
     def log_tail(self, lines: int = 15) -> str:
         out = []
-        for name in ("slurmctld.log", "slurmd.log", "munged.log"):
+        for name in ("slurmctld.log", *(f"slurmd-{n}.log" for n in self.nodes), "munged.log"):
             path = self.root / "log" / name
             if path.is_file():
                 out.append(

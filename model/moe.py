@@ -6,6 +6,8 @@ N = T*K token-expert pairs sorted by expert.
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -27,6 +29,33 @@ def grouped_mm_applies(x_ND: torch.Tensor, w_EFD: torch.Tensor) -> bool:
     return x_ND.dtype in (torch.float32, torch.bfloat16)
 
 
+def expert_swiglu(
+    x_ND: torch.Tensor,
+    counts_E: torch.Tensor,
+    gate_EFD: torch.Tensor,
+    up_EFD: torch.Tensor,
+    down_EDF: torch.Tensor,
+    impl: str = "auto",
+) -> torch.Tensor:
+    """SwiGLU of each expert on its rows of `x_ND` (rows sorted by expert, `counts_E` rows each)."""
+    if impl == "grouped_mm" or (impl == "auto" and grouped_mm_applies(x_ND, gate_EFD)):
+        offs = torch.cumsum(counts_E, 0).to(torch.int32)
+        h_NF = F.silu(torch._grouped_mm(x_ND, gate_EFD.transpose(-2, -1), offs=offs))
+        h_NF = h_NF * torch._grouped_mm(x_ND, up_EFD.transpose(-2, -1), offs=offs)
+        return torch._grouped_mm(h_NF, down_EDF.transpose(-2, -1), offs=offs)
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n == 0:
+            continue
+        x = x_ND[start : start + n]
+        h = F.silu(F.linear(x, gate_EFD[e])) * F.linear(x, up_EFD[e])
+        outs.append(F.linear(h, down_EDF[e]))
+        start += n
+    if not outs:
+        return x_ND.new_zeros(0, down_EDF.shape[1])
+    return torch.cat(outs, dim=0)
+
+
 class GroupedExperts(nn.Module):
     """E SwiGLU experts stored as 3-D tensors in per-expert nn.Linear layout (out, in)."""
 
@@ -37,26 +66,51 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, dim, hidden))  # EDF
 
     def forward(self, x_ND: torch.Tensor, counts_E: torch.Tensor, impl: str = "auto") -> torch.Tensor:
-        use_gmm = impl == "grouped_mm" or (impl == "auto" and grouped_mm_applies(x_ND, self.gate_proj))
-        if use_gmm:
-            offs = torch.cumsum(counts_E, 0).to(torch.int32)
-            h_NF = F.silu(torch._grouped_mm(x_ND, self.gate_proj.transpose(-2, -1), offs=offs))
-            h_NF = h_NF * torch._grouped_mm(x_ND, self.up_proj.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(h_NF, self.down_proj.transpose(-2, -1), offs=offs)
-        return self._loop(x_ND, counts_E)
+        return expert_swiglu(x_ND, counts_E, self.gate_proj, self.up_proj, self.down_proj, impl)
 
-    def _loop(self, x_ND: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        outs, start = [], 0
-        for e, n in enumerate(counts_E.tolist()):
-            if n == 0:
-                continue
-            x = x_ND[start : start + n]
-            h = F.silu(F.linear(x, self.gate_proj[e])) * F.linear(x, self.up_proj[e])
-            outs.append(F.linear(h, self.down_proj[e]))
-            start += n
-        if not outs:
-            return x_ND.new_zeros(0, self.down_proj.shape[1])
-        return torch.cat(outs, dim=0)
+
+class Dispatch(NamedTuple):
+    """What `combine` needs to bring expert outputs back to their tokens."""
+
+    order_N: torch.Tensor  # token-expert pairs (flattened T*K) sorted by expert
+    token_N: torch.Tensor  # the token of each sorted pair
+    extra: Any = None  # a dispatcher's own state (an all-to-all's split sizes)
+
+
+class LocalDispatcher:
+    """Every expert on this process: sort the token-expert pairs by expert, run, weight and sum back.
+
+    The MoE block calls its dispatcher for the token exchange around its experts; parallel code swaps in
+    another (training/expert_parallel.py sends each pair to the rank holding its expert) without the model
+    knowing."""
+
+    def dispatch(
+        self, x_TD: torch.Tensor, experts_TK: torch.Tensor, counts_E: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, Dispatch]:
+        """(rows for the local experts sorted by expert, rows per local expert, state for `combine`)."""
+        x_ND, d = sort_by_expert(x_TD, experts_TK)
+        return x_ND, counts_E, d
+
+    def combine(
+        self, y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch, x_TD: torch.Tensor
+    ) -> torch.Tensor:
+        return weighted_sum(y_ND, weights_TK, d, x_TD)
+
+
+def sort_by_expert(x_TD: torch.Tensor, experts_TK: torch.Tensor) -> tuple[torch.Tensor, Dispatch]:
+    """Token rows of each (token, expert) pair, sorted by expert (stable: token order within an expert)."""
+    k = experts_TK.shape[-1]
+    order_N = torch.argsort(experts_TK.reshape(-1), stable=True)
+    token_N = order_N // k
+    return x_TD[token_N], Dispatch(order_N, token_N)
+
+
+def weighted_sum(
+    y_ND: torch.Tensor, weights_TK: torch.Tensor, d: Dispatch, x_TD: torch.Tensor
+) -> torch.Tensor:
+    """Expert outputs of the sorted pairs, weighted by their routing weights and summed per token."""
+    y_ND = y_ND * weights_TK.reshape(-1)[d.order_N].unsqueeze(-1).to(y_ND.dtype)
+    return torch.zeros_like(x_TD).index_add_(0, d.token_N, y_ND)
 
 
 class Router(nn.Module):
@@ -81,8 +135,12 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size)
         width = cfg.expert_intermediate_size * cfg.num_shared_experts
         self.shared = SwiGLU(cfg.hidden_size, width) if width else None
-        # Tokens per expert seen since the last bias update (summed over micro-batches).
+        # Tokens per expert seen since the last bias update (summed over micro-batches), counted in training
+        # forwards while `count_load` is set: an engine clears it while a backward recomputes forwards
+        # (activation checkpointing), so each routing decision counts once.
         self.register_buffer("load_E", torch.zeros(cfg.num_experts, dtype=torch.float64), persistent=False)
+        self.count_load = True
+        self.dispatcher: LocalDispatcher = LocalDispatcher()
         self.aux_loss: torch.Tensor | None = None
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
@@ -94,17 +152,13 @@ class MoE(nn.Module):
             logits_TE, self.router.expert_bias, cfg.num_experts_per_tok, cfg.router_score,
             cfg.norm_topk_prob, cfg.routed_scaling_factor,
         )  # fmt: skip
-        k = cfg.num_experts_per_tok
-        flat_N = r.experts_TK.reshape(-1)
-        order_N = torch.argsort(flat_N, stable=True)
-        token_N = order_N // k
-        counts_E = torch.bincount(flat_N, minlength=cfg.num_experts)
-        y_ND = self.experts(x_TD[token_N], counts_E, cfg.moe_impl)
-        y_ND = y_ND * r.weights_TK.reshape(-1)[order_N].unsqueeze(-1).to(y_ND.dtype)
-        out_TD = torch.zeros_like(x_TD).index_add_(0, token_N, y_ND)
+        counts_E = R.expert_counts(r.experts_TK, cfg.num_experts)
+        x_ND, counts_local, sent = self.dispatcher.dispatch(x_TD, r.experts_TK, counts_E)
+        y_ND = self.experts(x_ND, counts_local, cfg.moe_impl)
+        out_TD = self.dispatcher.combine(y_ND, r.weights_TK, sent, x_TD)
         if self.shared is not None:
             out_TD = out_TD + self.shared(x_TD)
-        if self.training:
+        if self.training and self.count_load:
             with torch.no_grad():
                 self.load_E += counts_E.to(self.load_E.dtype)
         self.aux_loss = self._aux_loss(logits_TE, r, b, s)

@@ -17,12 +17,16 @@ class EngineCase:
     world: int
     overrides: tuple[str, ...] = ()
     tolerance: float = 1e-5  # relative loss/eval difference to the one-process reference
+    full: bool = False  # slow (4 ranks on a 2-core machine): only in `make test-full`
 
 
 CASES = [
     EngineCase("native-single", 1, ("parallel.strategy=single",)),
     EngineCase("native-ddp-2", 2, ("parallel.strategy=ddp",)),
     EngineCase("native-fsdp-2", 2, ("parallel.strategy=fsdp",)),
+    EngineCase("native-ep2", 2, ("parallel.expert_parallel=2",)),
+    EngineCase("native-ep2-fsdp2", 4, ("parallel.expert_parallel=2", "train.micro_batch_size=2"), full=True),
+    EngineCase("native-ep4", 4, ("parallel.expert_parallel=4", "train.micro_batch_size=2"), full=True),
 ]
 
 # engine -> [(world size, overrides, the key the refusal must name)]
@@ -31,7 +35,8 @@ REFUSED: dict[str, list[tuple[int, tuple[str, ...], str]]] = {
         (2, ("parallel.tensor_parallel=2",), "parallel.tensor_parallel"),
         (2, ("parallel.pipeline_parallel=2",), "parallel.pipeline_parallel"),
         (2, ("parallel.context_parallel=2",), "parallel.context_parallel"),
-        (2, ("parallel.expert_parallel=2",), "parallel.expert_parallel"),
         (2, ("parallel.strategy=single",), "parallel.strategy"),
+        (2, ("parallel.strategy=ddp", "parallel.expert_parallel=2"), "parallel.strategy"),
+        (4, ("parallel.expert_parallel=3",), "parallel.expert_parallel"),
     ],
 }

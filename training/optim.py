@@ -43,14 +43,19 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 def grad_norm(params: list[torch.Tensor]) -> float:
-    """Global L2 norm of the gradients (sharded DTensor grads are reduced over their mesh)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
-    if hasattr(total, "full_tensor"):
-        total = total.full_tensor()
-    return float(total)
+    """Global L2 norm of the gradients. Sharded (DTensor) gradients are reduced over their mesh, one norm per
+    mesh (expert-parallel experts live on another mesh than the rest), combined on the host."""
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for p in params:
+        if p.grad is not None:
+            by_mesh.setdefault(getattr(p.grad, "device_mesh", None), []).append(p.grad)
+    norms = []
+    for grads in by_mesh.values():
+        total = torch.nn.utils.get_total_norm(grads, norm_type=2.0, foreach=False)
+        norms.append(float(total.full_tensor() if hasattr(total, "full_tensor") else total))
+    if len(norms) <= 1:
+        return norms[0] if norms else 0.0
+    return math.sqrt(sum(n * n for n in norms))
 
 
 def clip_(params: list[torch.Tensor], max_norm: float, norm: float) -> None:

@@ -73,9 +73,8 @@ def build_model(cfg: RunConfig, info: DistInfo, seed: int) -> tuple[nn.Module, M
 
 def _apply_ac_compile(model: MoETransformer, cfg: RunConfig) -> None:
     if cfg.train.activation_checkpointing:
-        # The composable API keeps parameter names unchanged (checkpoints stay in kmoe's names).
-        # Recompute runs the MoE forward twice, so expert-load counts double; bias updates and the
-        # balance statistics only use their signs and shares, which doubling leaves unchanged.
+        # The composable API keeps parameter names unchanged (checkpoints stay in kmoe's names). The
+        # recompute in backward routes again; the engine stops load counting there (MoE.count_load).
         from torch.distributed._composable import checkpoint
 
         for blk in model.layers:
@@ -95,17 +94,30 @@ def _apply_ac_compile(model: MoETransformer, cfg: RunConfig) -> None:
 
 
 def _build_fsdp(cfg: RunConfig, info: DistInfo, seed: int) -> tuple[nn.Module, MoETransformer]:
+    """FSDP2 over all ranks; with `parallel.expert_parallel` > 1 the routed experts are sharded across each
+    expert group first (training/expert_parallel.py) and FSDP2-sharded over the ranks holding the same ones."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    from . import expert_parallel as EP
+
     with torch.device("meta"):
         model = MoETransformer(cfg.model)
+    ep = cfg.parallel.expert_parallel
+    if ep > 1:
+        emesh = EP.expert_mesh(info.device.type, info.world, ep)
+        for moe in model.moe_layers():
+            EP.shard_experts(moe, emesh)
+        mesh = emesh["efsdp", "ep"]._flatten("dp")
+    else:
+        mesh = init_device_mesh(info.device.type, (info.world,), mesh_dim_names=("dp",))
     _apply_ac_compile(model, cfg)
-    mesh = init_device_mesh(info.device.type, (info.world,), mesh_dim_names=("dp",))
     mp = MixedPrecisionPolicy()
     if cfg.train.precision == "bf16" and info.device.type == "cuda":
         mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for blk in model.layers:
+        if ep > 1 and blk.mlp in model.moe_layers():
+            EP.fully_shard_experts(blk.mlp, emesh, info.world, mp)
         fully_shard(blk, mesh=mesh, mp_policy=mp)
     fully_shard(model, mesh=mesh, mp_policy=mp)
     model.to_empty(device=info.device)

@@ -86,6 +86,7 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         self.state = TrainerState()
         self.stop = StopRequest()
+        self._replaying = False
 
     # ---- setup -------------------------------------------------------------------------------
     def setup(self, resume: str | None) -> None:
@@ -248,9 +249,23 @@ class Trainer:
         if self.apply_batch(self._next_batch(), t0) is not None:  # None: rolled back to a checkpoint
             self._after_step()
 
+    def replay_step(self, batch: GlobalBatch) -> StepOutcome:
+        """`batch` as the next step, exactly as training ran it, for `kmoe audit replay` and for tests and
+        benchmarks that drive the trainer batch by batch: the data position moves past it, and a loss spike
+        is a divergence to report (the step is skipped as training would) rather than a reason to reload a
+        checkpoint from the run directory."""
+        self.state.batch_cursor = batch.index + 1  # where `_next_batch` leaves it
+        self._replaying = True
+        try:
+            out = self.apply_batch(batch)
+        finally:
+            self._replaying = False
+        assert out is not None  # no rollback while replaying
+        return out
+
     def apply_batch(self, batch: GlobalBatch, t0: float | None = None) -> StepOutcome | None:
         """Train on `batch` as the next step and record it (metrics, ledger); None when it was rolled back.
-        The one step function: training calls it on the next batch, `kmoe audit replay` on a recorded one."""
+        The one step function: training calls it on the next batch, `replay_step` on a given one."""
         t0 = time.perf_counter() if t0 is None else t0
         out = self._train_step(batch)
         if out is None:  # rolled back: the state is the checkpoint's now
@@ -318,7 +333,11 @@ class Trainer:
         )
 
     def _rollback(self, batch: GlobalBatch, loss: float) -> bool:
-        """Restore the last checkpoint and never train on `batch`; False when there is no checkpoint."""
+        """Restore the last checkpoint and never train on `batch`; False when there is no checkpoint (or while
+        replaying)."""
+        if self._replaying:
+            log.warning("replay: loss spike at batch %d (%s); not rolling back", batch.index, loss)
+            return False
         path = ckpt.latest(self.ckpt_root)
         if path is None:
             log.warning("loss spike at batch %d but no checkpoint to roll back to; skipping it", batch.index)

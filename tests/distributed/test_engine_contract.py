@@ -25,18 +25,16 @@ STEPS = 3  # steps compared with the reference before the round trip
 
 
 def _config(case: EngineCase, shards: str, *more: str):
-    from training.config import load_run_config
+    from toy_runs import toy_config
 
-    base = [f"data.shards={shards}", "train.steps=20", "checkpoint.every=0", "train.eval_every=0"]
-    return load_run_config(TOY, base + list(case.overrides) + list(more))
+    return toy_config(shards, "train.steps=20", "checkpoint.every=0", *case.overrides, *more)
 
 
 def _info():
     import torch.distributed as dist
+    from toy_runs import one_process
 
-    from training.parallel import DistInfo
-
-    return rank_info() if dist.is_initialized() else DistInfo(0, 1, 0, torch.device("cpu"))
+    return rank_info() if dist.is_initialized() else one_process()
 
 
 def _step(engine, batch, cfg) -> dict:
@@ -96,7 +94,7 @@ def _signal_run(case: EngineCase, shards: str, run_dir: str) -> dict:
     """A trainer whose last rank alone gets SIGUSR1 after step 2."""
     from training.trainer import Trainer
 
-    cfg, info = _config(case, shards, "log.wandb=false"), _info()
+    cfg, info = _config(case, shards), _info()
     trainer = Trainer(cfg, Path(run_dir), info)
     apply = trainer.apply_batch
 
@@ -116,7 +114,7 @@ _RESULTS: dict[str, list[dict]] = {}
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    from training.toy_shards import write_toy_shards
+    from toy_shards import write_toy_shards
 
     return str(write_toy_shards(tmp_path_factory.mktemp("toy"), n_docs=80))
 
@@ -137,7 +135,7 @@ def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("contract")
 
 
-@pytest.fixture(params=CASES, ids=[c.id for c in CASES])
+@pytest.fixture(params=[pytest.param(c, id=c.id, marks=[pytest.mark.full] if c.full else []) for c in CASES])
 def case(request) -> EngineCase:
     return request.param
 

@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-
-from training.toy_shards import write_toy_shards
+from toy_shards import write_toy_shards
 
 TOY_CONFIG = str(Path(__file__).resolve().parents[2] / "configs/train/toy.yaml")
 

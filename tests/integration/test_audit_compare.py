@@ -1,8 +1,9 @@
 """`kmoe audit compare` separates independent models from a derived one, even when the derived one is permuted.
 
-Models are the tiny MoE trained on random tokens: A and B from different seeds (independent); D is A trained
-further with AdamW on other data, then given a function-preserving permutation of its residual basis, of every
-MLP's hidden units and of each layer's experts, and saved as a Hugging Face (Glm4Moe-named) directory.
+Models are the tiny MoE trained by kmoe's trainer on the toy shards: A and B from different seeds
+(independent); D is A trained further on other batches, then given a function-preserving permutation of its
+residual basis, of every MLP's hidden units and of each layer's experts, and saved as a Hugging Face
+(Glm4Moe-named) directory.
 """
 
 from __future__ import annotations
@@ -14,34 +15,45 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from toy_runs import built_trainer, tiny_model, toy_config
 
 from kmoe.cli import main
 from model.checkpoint import model_state, save_model_dir
 from model.export_hf import hf_tensors
-from training.audit import minirun
 from training.audit.lineage import compare_models
 from training.config import config_dict
+from training.trainer import Trainer
+
+OTHER = 1000  # D's further training reads the stream from this batch on: data A never saw
 
 
-def trained(seed: int, steps: int, data_seed: int, start: minirun.MiniRun | None = None) -> minirun.MiniRun:
-    run = start or minirun.build(minirun.make_config([f"train.seed={seed}"]))
-    run.data_seed = data_seed
-    for _ in range(steps):
-        tokens, _ = minirun.batch(run)
-        minirun.train_step(run, tokens)
-        run.model.update_router_bias()
-    return run
+def trained(shards: Path, seed: int, steps: int, first: int = 0, start: Trainer | None = None) -> Trainer:
+    """The tiny MoE after `steps` trainer steps on batches first.. (continuing `start` when given)."""
+    if start is None:
+        sets = [f"train.seed={seed}", "train.steps=1500", "train.global_batch_size=2", "train.micro_batch_size=2",
+                "data.seq_len=32", "train.schedule=constant", "train.lr=3e-4", "train.warmup_steps=0"]  # fmt: skip
+        start = built_trainer(toy_config(shards, *tiny_model(), *sets))
+    for i in range(first, first + steps):
+        start.replay_step(start.data.global_batch(i))
+    return start
 
 
-def save_kmoe(run: minirun.MiniRun, path: Path) -> Path:
-    save_model_dir(path, model_state(run.model), config_dict(run.cfg))
+class Model:
+    """What the comparisons read of a trained trainer: its config and weights."""
+
+    def __init__(self, trainer: Trainer):
+        self.cfg, self.state = trainer.cfg, model_state(trainer.engine.model)
+
+
+def save_kmoe(run: Model, path: Path) -> Path:
+    save_model_dir(path, run.state, config_dict(run.cfg))
     return path
 
 
-def permuted_hf(run: minirun.MiniRun, path: Path, seed: int = 0) -> Path:
+def permuted_hf(run: Model, path: Path, seed: int = 0) -> Path:
     """Save `run` as an HF-named dir after permuting residual dims, MLP units and experts (same function)."""
     g = torch.Generator().manual_seed(seed)
-    sd = dict(hf_tensors(run.cfg.model, model_state(run.model)))
+    sd = dict(hf_tensors(run.cfg.model, run.state))
     d = run.cfg.model.hidden_size
     r = torch.randperm(d, generator=g)
     for k, v in list(sd.items()):
@@ -80,11 +92,11 @@ def permuted_hf(run: minirun.MiniRun, path: Path, seed: int = 0) -> Path:
     return path
 
 
-def check_separation(tmp_path: Path, finetune_steps: int) -> tuple[dict, dict]:
-    a = trained(1, 20, data_seed=5)
-    path_a = save_kmoe(a, tmp_path / "a")
-    path_b = save_kmoe(trained(2, 20, data_seed=5), tmp_path / "b")
-    path_d = permuted_hf(trained(1, finetune_steps, data_seed=999, start=a), tmp_path / "d")
+def check_separation(shards: Path, tmp_path: Path, finetune_steps: int) -> tuple[dict, dict]:
+    a = trained(shards, 1, 20)
+    path_a = save_kmoe(Model(a), tmp_path / "a")
+    path_b = save_kmoe(Model(trained(shards, 2, 20)), tmp_path / "b")
+    path_d = permuted_hf(Model(trained(shards, 1, finetune_steps, first=OTHER, start=a)), tmp_path / "d")
     indep, derived = compare_models(path_a, path_b), compare_models(path_a, path_d)
     assert indep["verdict"] == "independent", (indep["p_value"], indep["p_value_identity"])
     assert min(indep["p_value"], indep["p_value_identity"]) > 1e-3
@@ -95,19 +107,20 @@ def check_separation(tmp_path: Path, finetune_steps: int) -> tuple[dict, dict]:
     return indep, derived
 
 
-def test_compare_separates_independent_from_permuted_derived(tmp_path, capsys):
-    indep, _ = check_separation(tmp_path, finetune_steps=100)
+def test_compare_separates_independent_from_permuted_derived(shards, tmp_path, capsys):
+    indep, _ = check_separation(shards, tmp_path, finetune_steps=100)
     assert main(["audit", "compare", str(tmp_path / "a"), str(tmp_path / "d")]) == 0
     out = capsys.readouterr().out
     assert "verdict: DERIVED" in out and "rho(gate,up)" in out and "layer 1 expert" in out
     assert "raw cosine of norm weights is high for ANY two models" in out
-    norms = indep["norms"]  # shared drift of each norm tensor fools the raw and the globally centred measure
-    assert norms["raw_cosine"] > 0.99 and norms["global_centred_correlation"] > 0.5
+    norms = indep["norms"]  # shared drift of each norm tensor fools the raw measure, inflates the global one
+    assert norms["raw_cosine"] > 0.99
+    assert norms["global_centred_correlation"] > abs(norms["centred_correlation"]) + 0.1
     assert abs(norms["centred_correlation"]) < 0.2
     main(["audit", "compare", str(tmp_path / "a"), str(tmp_path / "b")])
     assert "verdict: INDEPENDENT" in capsys.readouterr().out
 
 
 @pytest.mark.full
-def test_compare_after_a_few_hundred_finetune_steps(tmp_path):
-    check_separation(tmp_path, finetune_steps=400)
+def test_compare_after_a_few_hundred_finetune_steps(shards, tmp_path):
+    check_separation(shards, tmp_path, finetune_steps=400)

@@ -1,7 +1,7 @@
-"""`kmoe audit verify` and `init-check` on a real run: tiny MoE, AdamW, checkpoints, a crash and a resume.
+"""`kmoe audit verify` and `init-check` on a real run: the toy MoE trained by kmoe's trainer with its ledger,
+checkpoints, a crash that leaves a torn line, and a resume.
 
-The run is written by training/audit/minirun.py exactly as the trainer writes its ledger. Each tamper test
-edits a hard-linked copy of the run and expects exit 1 with a finding that names the record.
+Each tamper test edits a hard-linked copy of the run and expects exit 1 with a finding that names the record.
 """
 
 from __future__ import annotations
@@ -16,39 +16,48 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from toy_runs import one_process, toy_config
 
 from kmoe.cli import main
 from kmoe.hashing import canonical_json, sha256_json
-from training.audit import minirun
-from training.ledger import SIG_DOMAIN, default_key_path
+from training.ledger import SIG_DOMAIN, Ledger, default_key_path
 from training.ledger_chain import LEDGER_FILE, read_lines
+from training.trainer import Trainer
 
 TORN = b'{"batch_hash":"ab12","kind":"st'
 
 
-def crashed_and_resumed_run(run_dir: Path) -> Path:
-    """Steps 1-5 with a checkpoint at 3, a crash leaving a torn line, a resume from step 3, steps 4-7."""
-    cfg = minirun.make_config(["train.seed=7"])
-    run, ledger = minirun.start(run_dir, cfg)
-    for _ in range(5):
-        minirun.logged_step(run, ledger)
-        if run.step == 3:
-            ckpt = minirun.save_checkpoint(run, ledger, run_dir)
-    ledger._f.close()  # the process dies here: no end record, no final signature
+class Crash(Exception):
+    """The process dies here."""
+
+
+def crashed_and_resumed_run(run_dir: Path, shards: Path) -> Path:
+    """Steps 1-5 with a checkpoint at 3, a crash leaving a torn line, a resume from step 3, steps 4-7 with a
+    checkpoint at 6 (and the final one at 7)."""
+    cfg = toy_config(shards, "train.seed=7", "train.steps=7", "checkpoint.every=3", "checkpoint.keep_last=5")
+    first = Trainer(cfg, run_dir, one_process(), ledger=Ledger.open(run_dir))
+    step = first.apply_batch
+
+    def crash_after_step_5(batch, t0=None):
+        out = step(batch, t0)
+        if first.state.step == 5:
+            raise Crash
+        return out
+
+    first.apply_batch = crash_after_step_5
+    with pytest.raises(Crash):
+        first.run("none")
+    first.ledger._f.close()  # no end record, no final signature
     with open(run_dir / LEDGER_FILE, "ab") as f:
         f.write(TORN)  # torn mid-write
-    run, ledger = minirun.resume(run_dir, ckpt)
-    for _ in range(4):
-        minirun.logged_step(run, ledger)
-        if run.step == 6:
-            minirun.save_checkpoint(run, ledger, run_dir)
-    ledger.close()
+    second = Trainer(cfg, run_dir, one_process(), ledger=Ledger.open(run_dir))
+    assert second.run(str(run_dir / "checkpoints/step-00000003")) == 0
     return run_dir
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return crashed_and_resumed_run(tmp_path_factory.mktemp("runs") / "r7")
+def run_dir(shards, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return crashed_and_resumed_run(tmp_path_factory.mktemp("runs") / "r7", shards)
 
 
 def clone(src: Path, tmp_path: Path) -> Path:
@@ -269,10 +278,10 @@ def test_ledger_records_what_an_auditor_needs(run_dir):
     assert g["environment"]["versions"]["torch"].startswith("2.13.0")
     step = next(r for r in recs if r["kind"] == "step")
     assert set(step) >= {"tokens", "loss", "grad_norm", "lr", "lang_tokens", "samples", "batch_hash"}
-    assert len(step["expert_load"]["per_expert"]) == 8
+    assert len(step["expert_load"]["per_expert"]) == 4  # the toy model's experts
     ck = next(r for r in recs if r["kind"] == "checkpoint")
     assert set(ck["roots"]) == {"model", "optimizer", "rng", "data"}
-    assert set(ck["files"]) >= {"model.safetensors", "digests.json", "config.yaml", "optimizer.pt"}
+    assert set(ck["files"]) >= {"model.safetensors", "digests.json", "config.yaml", "optimizer.safetensors"}
     digests = json.loads((run_dir / ck["path"] / "digests.json").read_text())
     assert digests["merkle_root"] == ck["roots"]["model"]
 

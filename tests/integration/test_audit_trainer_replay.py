@@ -76,3 +76,15 @@ def test_altered_shard_bytes_are_reported_at_the_first_step_that_reads_them(run_
 def test_replay_needs_a_checkpoint_at_the_end(run_dir):
     with pytest.raises(ValueError, match=r"checkpoints at steps 5 and 8; recorded checkpoints: \[5, 10\]"):
         replay(run_dir, 5, 3)
+    with pytest.raises(ValueError, match=r"checkpoints at steps 6 and 10; recorded checkpoints: \[5, 10\]"):
+        replay(run_dir, 6, 4)
+
+
+def test_a_run_of_the_retired_reference_loop_is_refused_saying_why(run_dir, tmp_path):
+    run = tmp_path / "old"
+    shutil.copytree(run_dir, run)
+    lines = [ln.record for ln in read_lines(run / LEDGER_FILE)]
+    lines[0]["trainer"] = "kmoe-minirun"  # what training/audit/minirun.py wrote into genesis
+    (run / LEDGER_FILE).write_text("".join(json.dumps(r) + "\n" for r in lines))
+    with pytest.raises(ValueError, match=r"cannot be replayed: the reference loop .*minirun.py was removed"):
+        replay(run, 5, 5)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from byte_tokenizer import ByteTokenizer
 
 from data_prep.config import DataConfig
 from data_prep.pipeline import build
-from data_prep.testing import ByteTokenizer
 from kmoe.configtree import ConfigError, from_dict
 
 KO = [

@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from byte_tokenizer import ByteTokenizer
 
 from data_prep.config import load_data_config
 from data_prep.pipeline import build
-from data_prep.testing import ByteTokenizer
 
 
 def test_demo_sources_small(repo_root, tmp_path):

@@ -5,10 +5,10 @@ import json
 
 import pytest
 import torch
+from quantize_inputs import build_all
 from safetensors import safe_open
 
 from kmoe.cli import main
-from quantize.devtools import build_all
 
 
 @pytest.fixture(scope="module")
@@ -227,11 +227,11 @@ def test_gptq_beats_plain_rounding(trained, gptq, tmp_path):
 def test_model_without_shared_experts_with_tied_embeddings(trained, tmp_path):
     """Glm4Moe's zero-width shared expert and a tied lm_head: GPTQ skips the former, refuses to quantize the
     latter, and a failed run leaves no half-written artifact."""
+    from quantize_inputs import TINY_MODEL
     from transformers import AutoModelForCausalLM
 
     from model import ModelConfig, MoETransformer, init_weights
     from model.checkpoint import model_state, save_model_dir
-    from quantize.devtools import TINY_MODEL
 
     cfg = ModelConfig(**{**TINY_MODEL, "vocab_size": 720, "num_shared_experts": 0, "tie_embeddings": True,
                          "first_k_dense": 0})  # fmt: skip
@@ -253,8 +253,9 @@ def test_model_without_shared_experts_with_tied_embeddings(trained, tmp_path):
 
 
 def test_gptq_calibrates_and_eval_reads_disjoint_halves_of_token_shards(trained, tmp_path):
+    from quantize_inputs import write_token_shards
+
     from quantize import calibration as C
-    from quantize.devtools import write_token_shards
     from quantize.samples import SAMPLE_TEXTS
 
     shards = write_token_shards(trained["tokenizer"], tmp_path / "shards")

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from quantize_inputs import build_all
 
 from kmoe.cli import main
-from quantize.devtools import build_all
 from quantize.evaluate import HFRunner
 from quantize.llamacpp import open_llama
 from quantize.samples import KOREAN_PROMPT, SAMPLE_TEXTS
@@ -100,11 +100,11 @@ def test_f32_gguf_matches_transformers_for_every_export_option(tmp_path, variant
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
     llama_cpp()
     from model_fixtures import random_checkpoint
+    from quantize_inputs import TINY_MODEL, build_tokenizer
     from transformers import AutoModelForCausalLM
 
     from model import ModelConfig
     from model.export_hf import export_hf
-    from quantize.devtools import TINY_MODEL, build_tokenizer
     from quantize.gguf_export import export_gguf
 
     tok = build_tokenizer(tmp_path / "tok", 300)

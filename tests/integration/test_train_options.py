@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from toy_shards import write_toy_shards
 
 from training.config import load_run_config
 from training.parallel import DistInfo
-from training.toy_shards import write_toy_shards
 from training.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[2]

@@ -12,8 +12,9 @@ changed batch or changed weights does not (docs/ledger.md has the measurements).
 Reports the first step that diverges.
 
 The training program supplies a `ReplayEngine`, registered under the `trainer` name its genesis record carries
-(`register_engine`): `kmoe train` records `kmoe-train` (training/audit/trainer_replay.py), the reference loop
-(training/audit/minirun.py) `kmoe-minirun`. A skipped step (a `skip_step` event) is replayed like any other.
+(`register_engine`): `kmoe train` records `kmoe-train` (training/audit/trainer_replay.py). Runs of the retired
+reference loop `kmoe-minirun` (a second training loop the audit tests once used) are refused with a message
+saying so. A skipped step (a `skip_step` event) is replayed like any other.
 """
 
 from __future__ import annotations
@@ -59,7 +60,11 @@ ENGINES: dict[str, Callable[..., ReplayEngine]] = {}
 ENGINE_MODULES = {
     "kmoe-train": "training.audit.trainer_replay",
     "kmoe": "training.audit.trainer_replay",  # the Ledger's default name: what `kmoe train` wrote before naming itself
-    "kmoe-minirun": "training.audit.minirun",
+}
+# trainers whose runs can no longer be replayed, and why
+RETIRED = {
+    "kmoe-minirun": "the reference loop training/audit/minirun.py was removed (one training loop: `kmoe train`); "
+    "replay works on runs written by `kmoe train`",
 }
 
 
@@ -182,6 +187,9 @@ def replay(
     """Re-execute steps from_step+1..from_step+steps (see the module doc). `threads` replays at that
     intra-op thread count instead of the recorded one; `exact` fails on any bit of difference."""
     run_dir = Path(run_dir)
+    retired = RETIRED.get(read_genesis(run_dir).get("trainer", "kmoe"))
+    if retired:
+        raise ValueError(f"{run_dir}: its genesis names a trainer that cannot be replayed: {retired}")
     recs = _records(run_dir)
     from_step, steps = resolve_span(run_dir, from_step, steps, recs)
     start, todo, target = plan(run_dir, from_step, steps, recs)

@@ -4,9 +4,10 @@ Nothing here re-implements the training math: a `Trainer` is built from the chec
 (no ledger, no metrics file, nothing written to the run directory), the checkpoint is loaded by the same
 `Trainer.load_checkpoint_state` a resume uses (model, optimizer, router bias, data position, spike window,
 RNG), each recorded batch is re-read from the shards by its recorded sample indices, and the step runs
-through `Trainer.apply_batch`, the function training calls. Bitwise agreement needs the recorded layout:
-one process (a multi-rank run replays on one process with a different summation order, so it is judged by
-the tolerance), CPU, fp32, the same library versions and thread count.
+through `Trainer.replay_step` (`Trainer.apply_batch`, the function training calls, with spike rollback off).
+Bitwise agreement needs the recorded layout: one process (a multi-rank run replays on one process with a
+different summation order, so it is judged by the tolerance), CPU, fp32, the same library versions and
+thread count.
 """
 
 from __future__ import annotations
@@ -35,13 +36,6 @@ def sample_indices(samples: dict[str, Any]) -> list[int]:
     return list(range(int(samples["start"]), int(samples["start"]) + int(samples["count"])))
 
 
-class _ReplayTrainer(Trainer):
-    def _rollback(self, batch: GlobalBatch, loss: float) -> bool:
-        """A spike during replay is a divergence to report, never a reason to reload from the run dir."""
-        log.warning("replay: loss spike at batch %d (%s); not rolling back", batch.index, loss)
-        return False
-
-
 class TrainerReplay:
     """`ReplayEngine` over the kmoe trainer (see training/audit/replay.py)."""
 
@@ -54,9 +48,10 @@ class TrainerReplay:
         raw = configtree.read_yaml(checkpoint_dir / "config.yaml")  # the config the run was under then
         if self.shards:
             raw.setdefault("data", {})["shards"] = self.shards
+        raw["parallel"] = {}  # replayed on one process, whatever layout trained it (the same math)
         cfg = configtree.from_dict(RunConfig, raw)
         info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
-        trainer = _ReplayTrainer(cfg, self.run_dir, info)  # NullLedger: replay records nothing
+        trainer = Trainer(cfg, self.run_dir, info)  # NullLedger: replay records nothing
         trainer.build(write_metrics=False)
         recorded = (read_genesis(self.run_dir).get("data") or {}).get("manifest_root")
         found = trainer.data.manifest.get("root_hash")
@@ -80,9 +75,7 @@ class TrainerReplay:
     def step(self, batch: torch.Tensor) -> dict[str, float]:
         assert self.trainer is not None and self._pending is not None
         gb, self._pending = self._pending, None
-        self.trainer.state.batch_cursor = gb.index + 1  # where `_next_batch` leaves it
-        out = self.trainer.apply_batch(gb)
-        assert out is not None  # _ReplayTrainer never rolls back
+        out = self.trainer.replay_step(gb)
         return {"loss": out.loss, "grad_norm": out.grad_norm}
 
     def model_state(self) -> dict[str, torch.Tensor]:

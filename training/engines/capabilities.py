@@ -27,10 +27,12 @@ CAPABILITIES: dict[str, EngineCapabilities] = {
     "native": EngineCapabilities(
         implemented=True,
         strategies=frozenset({"auto", "single", "ddp", "fsdp"}),
+        parallel_dims=frozenset({"expert_parallel"}),
         hints={
             "engine.zero_stage": "it has no ZeRO stages (parallel.strategy=fsdp shards parameters, gradients "
             "and optimizer state, as ZeRO-3 does)",
-            "parallel": "it runs data parallel only (parallel.strategy single/ddp/fsdp)",
+            "parallel": "it runs data parallelism (parallel.strategy single/ddp/fsdp) and expert parallelism "
+            "(parallel.expert_parallel); tensor, pipeline and context parallelism need engine.name=megatron",
         },
     ),
     "megatron": EngineCapabilities(implemented=False),

@@ -67,6 +67,18 @@ class NativeEngine(Engine):
         ce_T = F.cross_entropy(out.logits.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
         return (ce_T * mask_BS.flatten()).sum(), mask_BS.sum(), out.aux_loss
 
+    @contextlib.contextmanager
+    def _recompute_uncounted(self):
+        """Activation checkpointing reruns block forwards inside backward: their routing is not new load."""
+        layers = self.model.moe_layers()
+        for m in layers:
+            m.count_load = False
+        try:
+            yield
+        finally:
+            for m in layers:
+                m.count_load = True
+
     def train_batch(self, micro_batches: list[MicroBatch]) -> LossStats:
         total = LossStats(0.0, 0.0, 0.0)
         for micro in micro_batches:
@@ -79,7 +91,8 @@ class NativeEngine(Engine):
             loss = ce_sum * micro.loss_scale
             if aux is not None:
                 loss = loss + aux * micro.aux_scale
-            loss.backward()
+            with self._recompute_uncounted():
+                loss.backward()
         return LossStats(ce_sum.item(), tokens.item(), 0.0 if aux is None else aux.item())
 
     def step(self, lr: float) -> StepResult:

@@ -3,13 +3,13 @@
 import json
 
 import pytest
+from byte_tokenizer import ByteTokenizer
 
 from data_prep.accounting import AccountingError, check
 from data_prep.config import DataConfig, load_data_config
 from data_prep.manifest import build_manifest, verify_manifest
 from data_prep.records import JsonlGzWriter
 from data_prep.shards import token_dtype, write_language_shard
-from data_prep.testing import ByteTokenizer
 from kmoe.configtree import ConfigError, from_dict
 
 

@@ -7,13 +7,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from toy_shards import write_toy_shards
 
 from kmoe.cli import main
 from kmoe.configtree import ConfigError
 from launch import slurm
 from training.config import config_hash, load_run_config, slurm_time_seconds
 from training.ledger import Ledger
-from training.toy_shards import write_toy_shards
 
 TOY = str(Path(__file__).resolve().parents[3] / "configs/train/toy.yaml")
 CPU = ["launch.gpus_per_node=0", "launch.procs_per_node=2"]

@@ -2,10 +2,10 @@
 
 import pytest
 from model_fixtures import random_checkpoint
+from quantize_inputs import TINY_MODEL, build_tokenizer
 
 from model import ModelConfig
 from model.export_hf import export_hf
-from quantize.devtools import TINY_MODEL, build_tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -78,8 +78,8 @@ def test_sentencepiece_tokenizer_is_embedded_as_spm(tmp_path):
     import json
 
     import sentencepiece as spm
+    from quantize_inputs import build_sp_tokenizer
 
-    from quantize.devtools import build_sp_tokenizer
     from quantize.gguf_vocab import add_vocab, special_ids
 
     tok = build_sp_tokenizer(tmp_path / "tok")

@@ -3,10 +3,10 @@
 from pathlib import Path
 
 import pytest
+from toy_shards import write_toy_shards
 
 from training.config import load_run_config
 from training.data import TrainData
-from training.toy_shards import write_toy_shards
 
 CONFIG = str(Path(__file__).resolve().parents[3] / "configs/train/toy.yaml")
 

@@ -1,8 +1,8 @@
-"""Small real inputs for tests and the demo: a byte-level BPE tokenizer trained on our own sample texts and a
-tiny MoE briefly trained on them, exported to HF. Not used by the quantizers themselves.
+"""Small real inputs for the quantization tests: a tokenizer trained on our own sample texts and a tiny MoE
+briefly trained on them by kmoe's trainer, exported to HF.
 
-    python -m quantize.devtools OUT_DIR [--steps N]   # writes OUT_DIR/{tokenizer,ckpt,hf,text.jsonl}
-    python -m quantize.devtools OUT_DIR --inputs-only  # only OUT_DIR/{tokenizer,text.jsonl,shards/}
+    PYTHONPATH=tests python -m quantize_inputs OUT_DIR [--steps N]   # OUT_DIR/{tokenizer,run,hf,text.jsonl}
+    PYTHONPATH=tests python -m quantize_inputs OUT_DIR --inputs-only  # OUT_DIR/{tokenizer,text.jsonl,shards/}
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .samples import SAMPLE_TEXTS
+from quantize.samples import SAMPLE_TEXTS
 
 log = logging.getLogger(__name__)
 SPECIALS = ("<unk>", "<s>", "</s>", "<pad>")
@@ -105,40 +105,35 @@ def write_token_shards(tokenizer_dir: str | Path, out_dir: str | Path, copies: i
 
 
 def train_tiny(
-    tokenizer_dir: str | Path, ckpt_dir: str | Path, steps: int = 60, seed: int = 0, **overrides
+    tokenizer_dir: str | Path, out_dir: str | Path, steps: int = 60, seed: int = 0, **overrides
 ) -> Path:
-    """A plain AdamW loop over the sample texts: enough for a model whose quantization error is measurable."""
+    """The tiny MoE trained by `kmoe train`'s trainer on the sample texts (as token shards): enough for a model
+    whose quantization error is measurable. Returns its final checkpoint directory."""
     from transformers import AutoTokenizer
 
-    from model import ModelConfig, MoETransformer, init_weights
-    from model.checkpoint import model_state, save_model_dir
+    from kmoe.hashing import sha256_json
+    from model import ModelConfig
+    from training.config import CheckpointConfig, DataConfig, LogConfig, RunConfig, TrainConfig, validate
+    from training.parallel import DistInfo
+    from training.trainer import Trainer
 
-    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-    cfg = ModelConfig(**{**TINY_MODEL, "vocab_size": len(tok), **overrides})
-    torch.manual_seed(seed)
-    model = MoETransformer(cfg)
-    init_weights(model, cfg, seed)
-    eos = tok.eos_token_id
-    stream = [
-        i for t in all_texts() for i in tok(t)["input_ids"] + [eos]
-    ]  # <s> too when the tokenizer adds it
-    data = torch.tensor(stream)
-    seq, batch = 64, 8
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(seed)
-    for step in range(steps):
-        starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
-        x = torch.stack([data[s : s + seq + 1] for s in starts])
-        out = model(x[:, :-1])
-        loss = torch.nn.functional.cross_entropy(out.logits.flatten(0, 1), x[:, 1:].flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        model.update_router_bias()
-        if step % 20 == 0 or step == steps - 1:
-            log.info("tiny train step %d loss %.3f", step, loss.item())
-    save_model_dir(ckpt_dir, model_state(model), {"model": cfg.__dict__})
-    return Path(ckpt_dir)
+    out = Path(out_dir)
+    shards = write_token_shards(tokenizer_dir, out / "shards")
+    (shards / "manifest.json").write_text(
+        json.dumps({"root_hash": sha256_json(sorted(SAMPLE_TEXTS.items()))})
+    )
+    model = ModelConfig(**{**TINY_MODEL, "vocab_size": len(AutoTokenizer.from_pretrained(str(tokenizer_dir))),
+                           **overrides})  # fmt: skip
+    cfg = RunConfig(
+        name="quantize-tiny", model=model,
+        data=DataConfig(shards=str(shards), tokenizer=str(tokenizer_dir), seq_len=64, split="100,0,0"),
+        train=TrainConfig(seed=seed, steps=steps, global_batch_size=8, micro_batch_size=8, lr=3e-3, min_lr=3e-3,
+                          schedule="constant", warmup_steps=0, weight_decay=0.0, eval_every=0),
+        checkpoint=CheckpointConfig(every=0, keep_last=1), log=LogConfig(every=20, wandb=False),
+    )  # fmt: skip
+    validate(cfg)
+    assert Trainer(cfg, out / "run", DistInfo(0, 1, 0, torch.device("cpu"))).run() == 0
+    return out / "run" / "checkpoints" / f"step-{steps:08d}"
 
 
 def build_all(out_dir: str | Path, steps: int = 60, tokenizer: str = "sp") -> dict[str, Path]:
@@ -149,7 +144,7 @@ def build_all(out_dir: str | Path, steps: int = 60, tokenizer: str = "sp") -> di
     out = Path(out_dir)
     build = {"sp": build_sp_tokenizer, "bpe": build_tokenizer}[tokenizer]
     tok = build(out / "tokenizer")
-    ckpt = train_tiny(tok, out / "ckpt", steps=steps)
+    ckpt = train_tiny(tok, out, steps=steps)
     hf = out / "hf"
     export_hf(ckpt, hf, dtype="bfloat16", tokenizer_dir=tok)
     return {"tokenizer": tok, "ckpt": ckpt, "hf": hf, "text": write_text_jsonl(out / "text.jsonl")}
@@ -158,7 +153,7 @@ def build_all(out_dir: str | Path, steps: int = 60, tokenizer: str = "sp") -> di
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    p = argparse.ArgumentParser(prog="python -m quantize.devtools", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m quantize_inputs", description=__doc__.split("\n")[0])
     p.add_argument("out_dir")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--inputs-only", action="store_true", help="tokenizer and text only, no model")
