@@ -256,16 +256,25 @@ def _segments_pieces(
 def box_pieces(meta: TensorMeta, offsets: Sequence[int], local: Any) -> Pieces:
     """Pieces of the block of the global tensor that starts at `offsets` and holds `local` (its shape)."""
     dtype, shape, raw = tensor_raw(local)
-    if dtype != meta.dtype or len(shape) != len(meta.shape) or len(offsets) != len(shape):
-        raise DigestError(
-            f"a {dtype} block of shape {shape} is not part of a {meta.dtype} tensor {list(meta.shape)}"
-        )
+    if dtype != meta.dtype:
+        raise DigestError(f"a {dtype} block is not part of a {meta.dtype} tensor")
+    return raw_box_pieces(meta, offsets, shape, raw)
+
+
+def raw_box_pieces(meta: TensorMeta, offsets: Sequence[int], shape: Sequence[int], raw: np.ndarray) -> Pieces:
+    """`box_pieces` of a block given as its little-endian bytes (a uint8 array), e.g. read from a file."""
+    offsets, shape = [int(o) for o in offsets], [int(s) for s in shape]
+    if len(shape) != len(meta.shape) or len(offsets) != len(shape):
+        raise DigestError(f"a block of shape {shape} is not part of a tensor of shape {list(meta.shape)}")
     if any(o < 0 or o + s > n for o, s, n in zip(offsets, shape, meta.shape)):
         raise DigestError(
-            f"block at {list(offsets)} of shape {shape} exceeds the tensor's shape {list(meta.shape)}"
+            f"block at {offsets} of shape {shape} exceeds the tensor's shape {list(meta.shape)}"
         )
+    es = itemsize(meta.dtype)
+    if raw.size != math.prod(shape) * es:
+        raise DigestError(f"block of shape {shape} needs {math.prod(shape) * es} bytes, got {raw.size}")
     if not shape:
-        return _segments_pieces(meta, [(0, 0, 1, raw)], raw.size)
+        return _segments_pieces(meta, [(0, 0, 1, raw)], es)
     if math.prod(shape) == 0:
         return Pieces(meta)
     rows = raw.reshape(math.prod(shape[:-1]), -1)
@@ -275,7 +284,6 @@ def box_pieces(meta: TensorMeta, offsets: Sequence[int], local: Any) -> Pieces:
         idx = np.indices(shape[:-1]).reshape(len(shape) - 1, -1) + np.asarray(offsets[:-1])[:, None]
         lines = np.ravel_multi_index(tuple(idx), meta.shape[:-1])
     c0 = offsets[-1]
-    es = rows.shape[1] // shape[-1]
     return _segments_pieces(meta, ((int(g), c0, c0 + shape[-1], rows[i]) for i, g in enumerate(lines)), es)
 
 

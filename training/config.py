@@ -66,6 +66,7 @@ class CheckpointConfig:
     every: int = 50
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step forever; 0 disables
+    async_save: bool = False  # interval checkpoints written by a background thread while training goes on
 
 
 @dataclass

@@ -80,7 +80,7 @@ def test_two_ranks_match_single_process(shards, reference, tmp_path, strategy):
         for lang, r in res.items():
             assert evals(run)[step][lang]["loss"] == pytest.approx(r["loss"], abs=1e-5)
     if strategy == "fsdp":
-        # The FSDP2 checkpoint (full tensors, kmoe names) resumes on one process and continues the same run.
+        # The FSDP2 checkpoint (each rank its shards, kmoe names) resumes resharded on one process and continues the same run.
         resumed = tmp_path / "resumed-single"
         resumed.mkdir()
         single(shards, resumed, resume=str(run / "checkpoints/step-00000005"))

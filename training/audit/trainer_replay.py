@@ -49,11 +49,13 @@ class TrainerReplay:
         self.run_dir, self.shards = Path(run_dir), shards
         self.trainer: Trainer | None = None
         self._pending: GlobalBatch | None = None
+        self.same_layout = True  # the recorded run had one process, as replay does: bitwise expected
 
     def load(self, checkpoint_dir: Path) -> None:
         raw = configtree.read_yaml(checkpoint_dir / "config.yaml")  # the config the run was under then
         if self.shards:
             raw.setdefault("data", {})["shards"] = self.shards
+        raw.setdefault("parallel", {})["strategy"] = "single"  # one process: the sharded state loads resharded
         cfg = configtree.from_dict(RunConfig, raw)
         info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
         trainer = _ReplayTrainer(cfg, self.run_dir, info)  # NullLedger: replay records nothing
@@ -66,7 +68,8 @@ class TrainerReplay:
                 found,
                 recorded,
             )
-        trainer.load_checkpoint_state(checkpoint_dir)
+        loaded = trainer.load_checkpoint_state(checkpoint_dir)
+        self.same_layout = loaded["trainer_state"].get("world_size", 1) == 1
         self.trainer = trainer
 
     def batch(self, samples: dict[str, Any]) -> torch.Tensor:

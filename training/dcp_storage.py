@@ -1,0 +1,200 @@
+"""torch.distributed.checkpoint (DCP) storage for kmoe's sharded checkpoints: safetensors shard files.
+
+DCP plans who writes what (each rank its own shards; replicated tensors once) and, on load, which byte
+ranges each rank needs for its new layout (resharding across world size and expert-parallel degree). The
+files are plain safetensors with DCP's offsets in the header (`DCP_SHARDING_INFO`, the layout of torch's
+`HuggingFaceStorageWriter`), one per rank and part:
+  <part>/shard-<rank>.safetensors   part = the DCP key's prefix ("model", "optimizer"); names inside the
+                                    file are the key without it (kmoe tensor names, `<param>/<slot>`)
+No pickle is written or read (DCP's default `.metadata` is a pickle). `ShardWriter` streams each tensor to
+disk (kmoe.safetensors_stream), hashing the file as it goes and computing the layout-independent digest
+pieces of each block it writes; the coordinator's `finish` receives every rank's file hashes and pieces and
+combines them (`summary`): nothing is hashed twice and no tensor moves between ranks. `ShardReader` takes
+the chunk map from the checkpoint's manifest instead of trusting whatever files lie in the directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
+from torch.distributed.checkpoint.metadata import (
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    StorageMeta,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
+from torch.distributed.checkpoint.storage import WriteResult
+from torch.futures import Future
+
+from kmoe.hashing import DigestError, Pieces, TensorMeta, box_pieces, combine_pieces
+from kmoe.safetensors_stream import StreamWriter
+
+GLOBAL_SHAPES = "kmoe_global_shapes"  # header metadata: {name: global shape}, so a file describes itself
+SHARDING = "DCP_SHARDING_INFO"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def shard_file(part: str, rank: int) -> str:
+    return f"{part}/shard-{rank:05d}.safetensors"
+
+
+@dataclass
+class WrittenBlock:
+    """What the coordinator learns of one block a rank wrote (DCP carries it in WriteResult.storage_data)."""
+
+    file: str  # relative to the checkpoint directory
+    name: str  # inside the file
+    offsets: list[int]
+    sizes: list[int]
+    file_sha256: str
+    file_bytes: int
+    pieces: Pieces
+
+
+class ShardWriter(FileSystemWriter):
+    """Each rank streams its blocks into `<part>/shard-<rank>.safetensors`; see the module docstring."""
+
+    def __init__(self, path: str | Path):
+        super().__init__(str(path), single_file_per_rank=True, sync_files=True, overwrite=True)
+        self.summary: dict[str, Any] | None = None  # set on the coordinator by finish()
+
+    def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        return [dataclasses.replace(p, storage_data={"rank": i}) for i, p in enumerate(plans)]
+
+    def write_data(self, plan: SavePlan, planner: Any) -> Future[list[WriteResult]]:
+        by_part: dict[str, list[Any]] = {}
+        for item in plan.items:
+            if item.type == WriteItemType.BYTE_IO:
+                raise ValueError(f"{item.index.fqn}: sharded checkpoints hold tensors only")
+            by_part.setdefault(item.index.fqn.split("/", 1)[0], []).append(item)
+        results: list[WriteResult] = []
+        for part, items in sorted(by_part.items()):
+            results += self._write_file(shard_file(part, plan.storage_data["rank"]), items, planner)
+        fut: Future[list[WriteResult]] = Future()
+        fut.set_result(results)
+        return fut
+
+    def _write_file(self, rel: str, items: list[Any], planner: Any) -> list[WriteResult]:
+        path = Path(self.path) / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = [it.index.fqn.split("/", 1)[1] for it in items]
+        specs = [
+            (n, dtype_name(it.tensor_data.properties.dtype), it.tensor_data.chunk.sizes)
+            for n, it in zip(names, items)
+        ]
+        meta = {
+            SHARDING: json.dumps(
+                {n: {"saved_offsets": list(it.tensor_data.chunk.offsets)} for n, it in zip(names, items)}
+            ),
+            GLOBAL_SHAPES: json.dumps({n: list(it.tensor_data.size) for n, it in zip(names, items)}),
+            "DCP_VERSION": "1.0",
+            "format": "pt",
+        }
+        writer = StreamWriter(path, specs, meta)
+        blocks = []
+        for name, it in zip(names, items):
+            t = planner.resolve_data(it).detach().cpu().contiguous()
+            writer.add(name, t)
+            gmeta = TensorMeta(dtype_name(t.dtype), tuple(int(s) for s in it.tensor_data.size))
+            offsets = [int(o) for o in it.tensor_data.chunk.offsets]
+            blocks.append(
+                (name, offsets, list(t.shape), t.numel() * t.element_size(), box_pieces(gmeta, offsets, t))
+            )
+        sha, total = writer.close()
+        return [
+            WriteResult(
+                index=it.index,
+                size_in_bytes=n,
+                storage_data=WrittenBlock(rel, name, off, sizes, sha, total, pieces),
+            )
+            for it, (name, off, sizes, n, pieces) in zip(items, blocks)
+        ]
+
+    def finish(self, metadata: Metadata, results: list[list[WriteResult]]) -> None:
+        """On the coordinator: file hashes, the chunk map and every tensor's digest, from all ranks' writes."""
+        blocks: list[WrittenBlock] = [r.storage_data for rank in results for r in rank]
+        files = {b.file: {"sha256": b.file_sha256, "bytes": b.file_bytes} for b in blocks}
+        shards: dict[str, dict[str, Any]] = {}
+        pieces: dict[str, list[Pieces]] = {}
+        for b in blocks:
+            shards.setdefault(b.file, {})[b.name] = {"offsets": b.offsets, "sizes": b.sizes}
+            pieces.setdefault(f"{b.file.split('/', 1)[0]}/{b.name}", []).append(b.pieces)
+        tensors: dict[str, dict[str, Any]] = {}
+        for key, md in sorted(metadata.state_dict_metadata.items()):
+            part, name = key.split("/", 1)
+            try:
+                digest = combine_pieces(pieces.get(key, []))
+            except DigestError as e:
+                raise DigestError(f"checkpoint tensor '{key}': {e}") from None
+            assert isinstance(md, TensorStorageMetadata)
+            tensors.setdefault(part, {})[name] = {"dtype": dtype_name(md.properties.dtype), "shape": list(md.size),
+                                                  "digest": digest}  # fmt: skip
+        self.summary = {
+            "files": dict(sorted(files.items())),
+            "shards": dict(sorted(shards.items())),
+            "tensors": tensors,
+        }
+
+
+@dataclass
+class _Stored:
+    relative_path: str  # absolute, as HuggingFaceStorageReader.read_data opens it
+    name: str
+    shape: torch.Size
+    dtype: torch.dtype
+
+
+class ShardReader(HuggingFaceStorageReader):
+    """Reads the blocks a rank needs for its own layout, from the files the manifest names."""
+
+    def __init__(self, path: str | Path, manifest: dict[str, Any]):
+        super().__init__(str(path))
+        self.manifest = manifest
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        sdm: dict[str, Any] = {}
+        for part, tensors in self.manifest["tensors"].items():
+            for name, t in tensors.items():
+                props = TensorProperties(dtype=getattr(torch, t["dtype"]))
+                sdm[f"{part}/{name}"] = TensorStorageMetadata(props, torch.Size(t["shape"]), [])
+        storage: dict[MetadataIndex, _Stored] = {}
+        for rel, entries in self.manifest["shards"].items():
+            part = rel.split("/", 1)[0]
+            for name, ch in entries.items():
+                key, off = f"{part}/{name}", torch.Size(ch["offsets"])
+                sdm[key].chunks.append(ChunkStorageMetadata(off, torch.Size(ch["sizes"])))
+                storage[MetadataIndex(key, off)] = _Stored(
+                    str(Path(self.path) / rel), name, torch.Size(ch["sizes"]), sdm[key].properties.dtype
+                )
+        md = Metadata(state_dict_metadata=sdm, storage_data=storage)
+        md.storage_meta = StorageMeta()
+        md.storage_meta.load_id = self.load_id
+        return md
+
+    def _process_read_request(self, f: Any, req: Any, planner: Any) -> None:
+        info = self.storage_data[req.storage_index]
+        if req.lengths:
+            idx = tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths))
+            tensor = f.get_slice(info.name)[idx]
+        else:
+            tensor = f.get_tensor(info.name)
+        target = planner.resolve_tensor(req).detach()
+        if target.size() != tensor.size():
+            raise ValueError(
+                f"{info.relative_path}: block of {info.name} is {tuple(tensor.shape)}, wanted {tuple(target.shape)}"
+            )
+        target.copy_(tensor)
+        planner.commit_tensor(req, target)
