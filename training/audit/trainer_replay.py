@@ -55,7 +55,9 @@ class TrainerReplay:
         raw = configtree.read_yaml(checkpoint_dir / "config.yaml")  # the config the run was under then
         if self.shards:
             raw.setdefault("data", {})["shards"] = self.shards
-        raw.setdefault("parallel", {})["strategy"] = "single"  # one process: the sharded state loads resharded
+        raw.setdefault("parallel", {})["strategy"] = (
+            "single"  # one process: the sharded state loads resharded
+        )
         cfg = configtree.from_dict(RunConfig, raw)
         info = DistInfo(rank=0, world=1, local_rank=0, device=torch.device("cpu"))
         trainer = _ReplayTrainer(cfg, self.run_dir, info)  # NullLedger: replay records nothing
