@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from . import checkpoint as ckpt
 from .config import config_dict, config_hash
-from .parallel import barrier, layout
+from .parallel import barrier
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ class CheckpointingMixin:
             assert gathered is not None
             trainer_state = {"trainer": asdict(self.state), "host_rng": {f"rank{r}": g[1] for r, g in enumerate(gathered)},
                              "config_hash": config_hash(self.cfg), "world_size": self.info.world,
-                             "layout": layout(self.cfg, self.info.world), "reason": reason, "time": time.time()}  # fmt: skip
+                             "layout": self.engine.layout(), "reason": reason, "time": time.time()}  # fmt: skip
             rng = {f"rank{r}": g[0] for r, g in enumerate(gathered)}
             host = ckpt.HostState(
                 config_dict(self.cfg), trainer_state, rng, state["optimizer"]["param_groups"]

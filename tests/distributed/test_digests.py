@@ -4,12 +4,11 @@ tensor gathered; a Partial placement is refused by name."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from gloo_ranks import run_gloo
+from multirank import run_distributed_test
 
 from kmoe.hashing import layout_digest
 
@@ -31,7 +30,7 @@ def full_tensor(name: str) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(sum(map(ord, name))))
 
 
-def worker(rank: int, world: int, out: str) -> None:
+def worker() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
@@ -52,8 +51,7 @@ def worker(rank: int, world: int, out: str) -> None:
         refused = ""
     except DigestError as e:
         refused = str(e)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"digests": got, "refused": refused}))
+    return {"digests": got, "refused": refused}
 
 
 def toy_model():
@@ -82,10 +80,9 @@ def fsdp_model_digests() -> dict[str, str]:
     return sharded_digests(get_model_state_dict(model))
 
 
-def test_sharded_digests_equal_full_tensor_digests(tmp_path):
-    out = tmp_path / "result.json"
-    run_gloo(worker, 4, tmp_path, str(out))
-    res = json.loads(out.read_text())
+def test_sharded_digests_equal_full_tensor_digests():
+    res, *others = run_distributed_test(worker, world_size=4)
+    assert all(o == res for o in others)  # every rank gets the same digests
     for name in CASES:
         assert res["digests"][name] == layout_digest(full_tensor(name)), name
     cfg, MoETransformer, init_weights = toy_model()
