@@ -21,7 +21,6 @@ model.safetensors) still load (training/checkpoint_legacy.py).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -29,7 +28,6 @@ import random
 import re
 import shutil
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +47,9 @@ from .dcp_storage import ShardReader, ShardWriter
 from .digests import sharded_digests
 
 log = logging.getLogger(__name__)
+# One process without a process group is a layout like any other here, not news (DCP warns on every call,
+# from the writer thread too when the save is async).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 FORMAT = "kmoe-train-checkpoint/2"
 MANIFEST = "checkpoint.json"
@@ -176,12 +177,8 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-@contextlib.contextmanager
-def _dcp_call() -> Iterator[dict[str, Any]]:
-    """DCP's arguments for this process; one process (no process group) is meant, so its warning is not news."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield {"no_dist": not _distributed()}
+def _dcp_args() -> dict[str, Any]:
+    return {"no_dist": not _distributed()}
 
 
 def begin_save(root: Path, step: int, flat: dict[str, torch.Tensor], host: HostState | None,
@@ -195,12 +192,10 @@ def begin_save(root: Path, step: int, flat: dict[str, torch.Tensor], host: HostS
     if _distributed():
         dist.barrier(group=group)
     writer = ShardWriter(tmp)
-    with _dcp_call() as kw:
-        future = (
-            dcp.async_save(flat, storage_writer=writer, process_group=group, **kw) if asynchronous else None
-        )
-        if not asynchronous:
-            dcp.save(flat, storage_writer=writer, process_group=group, **kw)
+    kw = _dcp_args()
+    future = dcp.async_save(flat, storage_writer=writer, process_group=group, **kw) if asynchronous else None
+    if not asynchronous:
+        dcp.save(flat, storage_writer=writer, process_group=group, **kw)
     return PendingSave(root, step, tmp, writer, future, host, asynchronous)
 
 
@@ -326,8 +321,7 @@ def load_into(path: Path, manifest: dict[str, Any], flat: dict[str, torch.Tensor
     each tensor's digest, computed by the ranks that hold it. Returns the Merkle root of the model digests
     measured on the loaded tensors (what the ledger records for the load). Collective."""
     check_files(path, manifest)
-    with _dcp_call() as kw:
-        dcp.load(flat, storage_reader=ShardReader(path, manifest), process_group=group, **kw)
+    dcp.load(flat, storage_reader=ShardReader(path, manifest), process_group=group, **_dcp_args())
     got = sharded_digests(flat, group)
     for key in sorted(flat):
         part, name = key.split("/", 1)
