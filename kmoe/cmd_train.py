@@ -36,7 +36,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_run_config, validate
 
     cfg = load_run_config(args.config, args.set)
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "0")) or (cfg.launch.world_size if args.dry_run else 1)
+    world = (
+        args.world_size
+        or int(os.environ.get("WORLD_SIZE", "0"))
+        or (cfg.launch.world_size if args.dry_run else 1)
+    )
     validate(cfg, world_size=world)
     if args.dry_run:
         return _dry_run(args, cfg, world)

@@ -6,7 +6,7 @@ files are plain safetensors with DCP's offsets in the header (`DCP_SHARDING_INFO
 `HuggingFaceStorageWriter`), one per rank and part:
   <part>/shard-<rank>.safetensors   part = the DCP key's prefix ("model", "optimizer"); names inside the
                                     file are the key without it (kmoe tensor names, `<param>/<slot>`)
-No pickle is written or read (DCP's default `.metadata` is a pickle). `ShardWriter` streams each tensor to
+No pickle is written or read (DCP's default `.metadata` is a pickle), and no file is memory-mapped. `ShardWriter` streams each tensor to
 disk (kmoe.safetensors_stream), hashing the file as it goes and computing the layout-independent digest
 pieces of each block it writes; the coordinator's `finish` receives every rank's file hashes and pieces and
 combines them (`summary`): nothing is hashed twice and no tensor moves between ranks. `ShardReader` takes
@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.hf_storage import HuggingFaceStorageReader
 from torch.distributed.checkpoint.metadata import (
     ChunkStorageMetadata,
     Metadata,
@@ -32,12 +32,12 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import SavePlan, WriteItemType
-from torch.distributed.checkpoint.storage import WriteResult
+from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, WriteItemType
+from torch.distributed.checkpoint.storage import StorageReader, WriteResult
 from torch.futures import Future
 
 from kmoe.hashing import DigestError, Pieces, TensorMeta, box_pieces, combine_pieces
-from kmoe.safetensors_stream import StreamWriter
+from kmoe.safetensors_stream import StreamWriter, read_header
 
 GLOBAL_SHAPES = "kmoe_global_shapes"  # header metadata: {name: global shape}, so a file describes itself
 SHARDING = "DCP_SHARDING_INFO"
@@ -151,18 +151,29 @@ class ShardWriter(FileSystemWriter):
 
 @dataclass
 class _Stored:
-    relative_path: str  # absolute, as HuggingFaceStorageReader.read_data opens it
+    relative_path: str  # absolute path of the shard file
     name: str
     shape: torch.Size
     dtype: torch.dtype
 
 
-class ShardReader(HuggingFaceStorageReader):
-    """Reads the blocks a rank needs for its own layout, from the files the manifest names."""
+class ShardReader(StorageReader):
+    """Reads the blocks a rank needs for its own layout, from the files the manifest names, with plain
+    reads into the target tensors (no memory map, so a rank's memory holds its own blocks and nothing else
+    of the files; a block cut across rows goes through a buffer of the rows it spans)."""
 
     def __init__(self, path: str | Path, manifest: dict[str, Any]):
-        super().__init__(str(path))
-        self.manifest = manifest
+        super().__init__()
+        self.path, self.manifest = Path(path), manifest
+        self.storage_data: dict[MetadataIndex, _Stored] = {}
+        self.load_id = ""
+
+    def reset(self, checkpoint_id: Any = None) -> None:
+        pass
+
+    @classmethod
+    def validate_checkpoint_id(cls, checkpoint_id: Any) -> bool:
+        return True
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         sdm: dict[str, Any] = {}
@@ -177,24 +188,57 @@ class ShardReader(HuggingFaceStorageReader):
                 key, off = f"{part}/{name}", torch.Size(ch["offsets"])
                 sdm[key].chunks.append(ChunkStorageMetadata(off, torch.Size(ch["sizes"])))
                 storage[MetadataIndex(key, off)] = _Stored(
-                    str(Path(self.path) / rel), name, torch.Size(ch["sizes"]), sdm[key].properties.dtype
+                    str(self.path / rel), name, torch.Size(ch["sizes"]), sdm[key].properties.dtype
                 )
         md = Metadata(state_dict_metadata=sdm, storage_data=storage)
         md.storage_meta = StorageMeta()
-        md.storage_meta.load_id = self.load_id
         return md
 
-    def _process_read_request(self, f: Any, req: Any, planner: Any) -> None:
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kw: Any) -> None:
+        self.storage_data = metadata.storage_data
+
+    def prepare_local_plan(self, plan: LoadPlan) -> LoadPlan:
+        return plan
+
+    def prepare_global_plan(self, plans: list[LoadPlan]) -> list[LoadPlan]:
+        return plans
+
+    def read_data(self, plan: LoadPlan, planner: Any) -> Future[None]:
+        per_file: dict[str, list[Any]] = {}
+        for req in plan.items:
+            per_file.setdefault(self.storage_data[req.storage_index].relative_path, []).append(req)
+        for file, reqs in sorted(per_file.items()):
+            header, start = read_header(file)
+            with open(file, "rb", buffering=0) as f:
+                for req in reqs:
+                    self._read(f, file, header, start, req, planner)
+        fut: Future[None] = Future()
+        fut.set_result(None)
+        return fut
+
+    def _read(self, f: Any, file: str, header: dict[str, Any], start: int, req: Any, planner: Any) -> None:
         info = self.storage_data[req.storage_index]
-        if req.lengths:
-            idx = tuple(slice(o, o + n) for o, n in zip(req.storage_offsets, req.lengths))
-            tensor = f.get_slice(info.name)[idx]
-        else:
-            tensor = f.get_tensor(info.name)
-        target = planner.resolve_tensor(req).detach()
-        if target.size() != tensor.size():
+        entry = header.get(info.name)
+        if entry is None or list(entry["shape"]) != list(info.shape):
             raise ValueError(
-                f"{info.relative_path}: block of {info.name} is {tuple(tensor.shape)}, wanted {tuple(target.shape)}"
+                f"{file}: holds no block {info.name} of shape {list(info.shape)} (replaced file?)"
             )
-        target.copy_(tensor)
+        shape, es = list(info.shape), torch.empty(0, dtype=info.dtype).element_size()
+        row = es * math.prod(shape[1:]) if shape else es
+        lo = req.storage_offsets[0] if shape else 0
+        n = req.lengths[0] if shape else 1
+        target = planner.resolve_tensor(req).detach()
+        whole_rows = list(req.lengths[1:]) == shape[1:] and all(o == 0 for o in req.storage_offsets[1:])
+        buf = (
+            target
+            if whole_rows and target.is_contiguous()
+            else torch.empty([n, *shape[1:]] if shape else [], dtype=info.dtype)
+        )
+        f.seek(start + entry["data_offsets"][0] + lo * row)
+        view = memoryview(buf.view(-1).view(torch.uint8).numpy()) if buf.numel() else memoryview(b"")
+        if f.readinto(view) != len(view):
+            raise ValueError(f"{file}: block {info.name} is cut short (truncated file)")
+        if buf is not target:
+            idx = tuple(slice(o, o + m) for o, m in zip(req.storage_offsets[1:], req.lengths[1:]))
+            target.copy_(buf[(slice(None), *idx)] if shape else buf)
         planner.commit_tensor(req, target)
