@@ -164,5 +164,7 @@ def format_plan(plan: MemoryPlan) -> str:
                  f"{plan.hw_flops_per_step / plan.world:.3g} per rank{recompute}")  # fmt: skip
     if plan.peak_flops > 0:
         secs = plan.hw_flops_per_step / (plan.world * plan.peak_flops * ASSUMED_MFU)
-        lines.append(f"  step time at {ASSUMED_MFU:.0%} MFU of {plan.peak_flops:.3g} FLOP/s per GPU: {secs:.1f} s")
+        lines.append(
+            f"  step time at {ASSUMED_MFU:.0%} MFU of {plan.peak_flops:.3g} FLOP/s per GPU: {secs:.1f} s"
+        )
     return "\n".join(lines)

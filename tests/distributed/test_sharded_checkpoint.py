@@ -1,5 +1,6 @@
-"""Sharded checkpoints across layouts (issue 15's acceptance, on the toy model): a run saved by 4 FSDP2 gloo
-ranks resumes on 4, 2 and 1 ranks; each load is verified tensor by tensor and records the same
+"""Sharded checkpoints across layouts (issue 15's acceptance, on the toy model): a run saved by 4 gloo ranks
+(EP=2 x FSDP=2 where the native engine has expert parallelism, else FSDP=4) resumes on 4, 2 (EP=2) and 1
+ranks; each load is verified tensor by tensor and records the same
 layout-independent model root as the checkpoint; the continued losses equal an uninterrupted run's (bit for
 bit on the same layout); `kmoe audit verify|init-check|replay` pass; a flipped byte, a deleted shard file and
 a shard file copied over another fail `verify` naming the file or tensor; the sharded checkpoint exports to
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from kmoe.cli import main
+from training.config import ENGINE_PARALLEL
 from training.ledger_chain import LEDGER_FILE, read_lines
 from training.toy_shards import write_toy_shards
 
@@ -26,12 +28,19 @@ CONFIG = str(REPO / "configs/train/toy.yaml")
 # constant lr: a run trained 5 steps and continued to 10 follows the uninterrupted 10-step schedule
 SETS = ["parallel.strategy=fsdp", "train.micro_batch_size=2", "train.schedule=constant", "train.warmup_steps=0",
         "train.eval_every=0", "checkpoint.every=5"]  # fmt: skip
+EP = 2 if "expert_parallel" in ENGINE_PARALLEL["native"] else 1  # experts on 2 ranks, FSDP2 over 2 more
+
+
+def ep_for(n: int) -> str:
+    return f"parallel.expert_parallel={min(EP, n)}"
 
 
 def torchrun(n: int, run: Path, shards: Path, steps: int, *args: str) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}", "-m", "kmoe.cli",
            "train", "--config", CONFIG, "--run-dir", str(run), *args]  # fmt: skip
-    cmd += [a for s in [*SETS, f"data.shards={shards}", f"train.steps={steps}"] for a in ("--set", s)]
+    cmd += [
+        a for s in [*SETS, ep_for(n), f"data.shards={shards}", f"train.steps={steps}"] for a in ("--set", s)
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
@@ -81,8 +90,8 @@ def test_resume_on_4_2_1_ranks_loads_the_same_root_and_continues_the_run(runs, c
         for s in range(6, 11):
             if n == 4:
                 assert got[s] == straight[s], (n, s)  # same layout: bit for bit
-            else:
-                assert got[s] == pytest.approx(straight[s], abs=2e-5, rel=2e-5), (n, s)
+            else:  # another summation order; with experts sharded, routing (discrete) can amplify it
+                assert got[s] == pytest.approx(straight[s], rel=1e-3 if EP > 1 else 2e-5), (n, s)
         assert main(["audit", "verify", str(run)]) == 0, capsys.readouterr().out
     run = runs["straight"]
     for cmd in (["verify"], ["init-check"], ["replay", "--from-step", "5"]):
