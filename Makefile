@@ -105,6 +105,7 @@ TRAIN_DEMO := --config configs/train/tiny.yaml --set data.shards=$(DEMO)/data --
 demo-train: install
 	@test -f $(DEMO)/data/manifest.json || { echo "demo-train: $(DEMO)/data/manifest.json missing (make demo-data)"; exit 1; }
 	$(KMOE) train $(TRAIN_DEMO) --dry-run | tail -n 12
+	$(KMOE) train --config configs/train/small.yaml --dry-run | tail -n 11
 	$(KMOE) train $(TRAIN_DEMO) --resume auto
 	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(DEMO)/hf-tiny --dtype float32 \
 		--tokenizer $(DEMO)/data/tokenizer --verify

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,14 +106,17 @@ class ShardWriter(FileSystemWriter):
         }
         writer = StreamWriter(path, specs, meta)
         blocks = []
-        for name, it in zip(names, items):
-            t = planner.resolve_data(it).detach().cpu().contiguous()
-            writer.add(name, t)
-            gmeta = TensorMeta(dtype_name(t.dtype), tuple(int(s) for s in it.tensor_data.size))
-            offsets = [int(o) for o in it.tensor_data.chunk.offsets]
-            blocks.append(
-                (name, offsets, list(t.shape), t.numel() * t.element_size(), box_pieces(gmeta, offsets, t))
-            )
+        # The digest pieces of each block are hashed on a second thread while this one writes and sha256s the
+        # file: hashlib and file writes release the GIL, so the two passes overlap where cores allow.
+        with ThreadPoolExecutor(1, thread_name_prefix="kmoe-digest") as pool:
+            for name, it in zip(names, items):
+                t = planner.resolve_data(it).detach().cpu().contiguous()
+                gmeta = TensorMeta(dtype_name(t.dtype), tuple(int(s) for s in it.tensor_data.size))
+                offsets = [int(o) for o in it.tensor_data.chunk.offsets]
+                pieces = pool.submit(box_pieces, gmeta, offsets, t)
+                writer.add(name, t)
+                blocks.append((name, offsets, list(t.shape), t.numel() * t.element_size(), pieces))
+            blocks = [(*b[:4], b[4].result()) for b in blocks]
         sha, total = writer.close()
         return [
             WriteResult(
