@@ -40,3 +40,12 @@ def test_async_checkpoints_hold_their_step_and_verify(shards, tmp_path, capsys):
     train(shards, resumed, "checkpoint.async_save=true", resume=str(asy / "checkpoints/step-00000008"))
     final = [r for r in records(resumed) if r["kind"] == "checkpoint"][-1]
     assert final["step"] == 12 and final["roots"]["model"] == ck_sync[12]["roots"]["model"]
+
+
+def test_lineage_reads_sharded_checkpoints(shards, tmp_path):
+    from training.audit.lineage import compare_models
+
+    run = tmp_path / "run"
+    train(shards, run, "train.steps=8")
+    res = compare_models(run / "checkpoints/step-00000004", run / "checkpoints/step-00000008")
+    assert res["a"]["format"] == "kmoe" and res["verdict"] == "derived"
