@@ -134,6 +134,7 @@ demo-train: install
 	@test -f $(DEMO)/data/manifest.json || { echo "demo-train: $(DEMO)/data/manifest.json missing (make demo-data)"; exit 1; }
 	$(call begin,the tiny MoE trains on the shards with a signed ledger; its export loads in transformers)
 	$(KMOE) train $(TRAIN_DEMO) --dry-run | tail -n 12
+	$(KMOE) train --config configs/train/small.yaml --dry-run | tail -n 11
 	$(KMOE) train $(TRAIN_DEMO) --resume auto
 	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(DEMO)/hf-tiny --dtype float32 --verify
 	$(note)

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p_exp = sub.add_parser("export", help="export a checkpoint to another format")
     esub = p_exp.add_subparsers(dest="export_command", metavar="FORMAT", required=True)
     p = esub.add_parser("hf", help="stock Hugging Face Glm4MoeForCausalLM directory (no trust_remote_code)")
-    p.add_argument("checkpoint", help="a kmoe checkpoint directory (model.safetensors + config.yaml)")
+    p.add_argument(
+        "checkpoint", help="a kmoe checkpoint directory (config.yaml + model.safetensors or model/ shards)"
+    )
     p.add_argument("out_dir")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     tok = p.add_mutually_exclusive_group()

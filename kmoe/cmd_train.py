@@ -23,7 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--dry-run", action="store_true", help="print config, sizes and parallel layout; train nothing"
     )
     p.add_argument(
-        "--world-size", type=int, help="dry run: plan for this many ranks (default: $WORLD_SIZE or 1)"
+        "--world-size",
+        type=int,
+        help="dry run: plan for this many ranks (default: $WORLD_SIZE, else the launch: section's nodes x ranks)",
     )
     p.add_argument(
         "--key",
@@ -40,7 +42,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from training.config import load_run_config, validate
 
     cfg = load_run_config(args.config, args.set)
-    world = args.world_size or int(os.environ.get("WORLD_SIZE", "1"))
+    world = (
+        args.world_size
+        or int(os.environ.get("WORLD_SIZE", "0"))
+        or (cfg.launch.world_size if args.dry_run else 1)
+    )
     validate(cfg, world_size=world)
     if args.dry_run:
         return _dry_run(args, cfg, world)
@@ -85,4 +91,8 @@ def _dry_run(args: argparse.Namespace, cfg, world: int) -> int:
     emit("# resolved config\n" + dump_yaml(cfg))
     cmd_info(argparse.Namespace(config=args.config, set=args.set, seq_len=cfg.data.seq_len, json=False))
     emit("parallel layout: " + json.dumps(layout(cfg, world)))
+    if cfg.engine.name == "native":
+        from training.memory_plan import format_plan, memory_plan
+
+        emit(format_plan(memory_plan(cfg, world)))  # validate() refused it already if it cannot fit
     return 0

@@ -202,10 +202,11 @@ def _cover(lo: int, hi: int, p: int, q: int, out: list[tuple[int, int]]) -> None
 def _fold(leaves: Iterator[bytes], n: int) -> bytes:
     """Root of the RFC 6962 tree over the next n leaf hashes, in O(log n) memory."""
     stack: list[tuple[int, bytes]] = []
+    sha = hashlib.sha256
     for _ in range(n):
         d, h = next(leaves), 0
         while stack and stack[-1][0] == h:
-            d, h = _node(stack.pop()[1], d), h + 1
+            d, h = sha(b"\x01" + stack.pop()[1] + d).digest(), h + 1
         stack.append((h, d))
     d = stack.pop()[1]
     while stack:
@@ -219,20 +220,38 @@ def _leaf_hash(data: Any) -> bytes:
     return h.digest()
 
 
-def _segments_pieces(
-    meta: TensorMeta, segments: Iterable[tuple[int, int, int, np.ndarray]], es: int
-) -> Pieces:
+def _leaf_hashes(parts: list[tuple[int, int, int, Any]], meta: TensorMeta, es: int) -> Iterator[bytes]:
+    """Leaf hashes of whole pieces [ja, jb) of each part (first column c0, its bytes), in order: the hot loop,
+    so byte ranges are computed once per distinct (ja, jb, c0) and bytes are sliced as memoryviews."""
+    ranges: dict[tuple[int, int, int], list[tuple[int, int]]] = {}
+    leaf = _LEAF
+    for ja, jb, c0, raw in parts:
+        rr = ranges.get((ja, jb, c0))
+        if rr is None:
+            rr = ranges[(ja, jb, c0)] = [
+                ((a - c0) * es, (b - c0) * es) for a, b in map(meta.leaf_cols, range(ja, jb))
+            ]
+        mv = memoryview(raw)
+        for a, b in rr:
+            h = leaf.copy()
+            h.update(mv[a:b])
+            yield h.digest()
+
+
+def _segments_pieces(meta: TensorMeta, segments: Iterable[tuple[int, int, int, Any]], es: int) -> Pieces:
     """Pieces from line segments (global line, first column, end column, those columns' bytes), in order."""
     out = Pieces(meta)
     runs: list[list[Any]] = []  # [first leaf, end leaf, [(first piece, end piece, first column, bytes)]]
-    kpl, L = meta.leaves_per_line, meta.line_len
+    kpl, L, B = meta.leaves_per_line, meta.line_len, LEAF_ELEMS
     for line, c0, c1, raw in segments:
-        ja, jb = -(-c0 // LEAF_ELEMS), kpl if c1 == L else c1 // LEAF_ELEMS
-        cut = sorted({c0 // LEAF_ELEMS, (c1 - 1) // LEAF_ELEMS} - set(range(ja, jb)))
-        for j in cut:  # pieces this segment holds only part of
-            a, b = meta.leaf_cols(j)
-            lo, hi = max(a, c0), min(b, c1)
-            out.frags.append((line * kpl + j, lo - a, raw[(lo - c0) * es : (hi - c0) * es].tobytes()))
+        ja, jb = -(-c0 // B), kpl if c1 == L else c1 // B
+        if c0 % B or (c1 % B and c1 != L) or ja >= jb:  # pieces this segment holds only part of
+            for j in sorted({c0 // B, (c1 - 1) // B} - set(range(ja, jb))):
+                a, b = meta.leaf_cols(j)
+                lo, hi = max(a, c0), min(b, c1)
+                out.frags.append(
+                    (line * kpl + j, lo - a, bytes(memoryview(raw)[(lo - c0) * es : (hi - c0) * es]))
+                )
         if ja >= jb:
             continue
         first, end = line * kpl + ja, line * kpl + jb
@@ -242,30 +261,59 @@ def _segments_pieces(
         else:
             runs.append([first, end, [(ja, jb, c0, raw)]])
     for first, end, parts in runs:
-        leaves = (
-            _leaf_hash(raw[(meta.leaf_cols(j)[0] - c0) * es : (meta.leaf_cols(j)[1] - c0) * es])
-            for ja, jb, c0, raw in parts
-            for j in range(ja, jb)
-        )
+        leaves = _leaf_hashes(parts, meta, es)
         spans: list[tuple[int, int]] = []
         _cover(0, meta.leaves, first, end, spans)
         out.nodes += [(lo, hi, _fold(leaves, hi - lo)) for lo, hi in spans]
     return out
 
 
+def _whole_lines(meta: TensorMeta, lines: np.ndarray, mv: memoryview, row: int, es: int) -> Pieces:
+    """Pieces of whole lines (`row` bytes each, global line numbers `lines`): runs of consecutive lines are
+    runs of consecutive leaves, hashed straight off the buffer."""
+    out, kpl = Pieces(meta), meta.leaves_per_line
+    ranges = [(a * es, b * es) for a, b in map(meta.leaf_cols, range(kpl))]
+    bounds = [0, *(np.flatnonzero(np.diff(lines) != 1) + 1).tolist(), len(lines)]
+    for i0, i1 in zip(bounds, bounds[1:]):
+        g0 = int(lines[i0])
+        spans: list[tuple[int, int]] = []
+        _cover(0, meta.leaves, g0 * kpl, (g0 + i1 - i0) * kpl, spans)
+        leaves = _row_leaves(mv, range(i0 * row, i1 * row, row), ranges)
+        out.nodes += [(lo, hi, _fold(leaves, hi - lo)) for lo, hi in spans]
+    return out
+
+
+def _row_leaves(mv: memoryview, bases: range, ranges: list[tuple[int, int]]) -> Iterator[bytes]:
+    leaf = _LEAF
+    for base in bases:
+        for a, b in ranges:
+            h = leaf.copy()
+            h.update(mv[base + a : base + b])
+            yield h.digest()
+
+
 def box_pieces(meta: TensorMeta, offsets: Sequence[int], local: Any) -> Pieces:
     """Pieces of the block of the global tensor that starts at `offsets` and holds `local` (its shape)."""
     dtype, shape, raw = tensor_raw(local)
-    if dtype != meta.dtype or len(shape) != len(meta.shape) or len(offsets) != len(shape):
-        raise DigestError(
-            f"a {dtype} block of shape {shape} is not part of a {meta.dtype} tensor {list(meta.shape)}"
-        )
+    if dtype != meta.dtype:
+        raise DigestError(f"a {dtype} block is not part of a {meta.dtype} tensor")
+    return raw_box_pieces(meta, offsets, shape, raw)
+
+
+def raw_box_pieces(meta: TensorMeta, offsets: Sequence[int], shape: Sequence[int], raw: np.ndarray) -> Pieces:
+    """`box_pieces` of a block given as its little-endian bytes (a uint8 array), e.g. read from a file."""
+    offsets, shape = [int(o) for o in offsets], [int(s) for s in shape]
+    if len(shape) != len(meta.shape) or len(offsets) != len(shape):
+        raise DigestError(f"a block of shape {shape} is not part of a tensor of shape {list(meta.shape)}")
     if any(o < 0 or o + s > n for o, s, n in zip(offsets, shape, meta.shape)):
         raise DigestError(
-            f"block at {list(offsets)} of shape {shape} exceeds the tensor's shape {list(meta.shape)}"
+            f"block at {offsets} of shape {shape} exceeds the tensor's shape {list(meta.shape)}"
         )
+    es = itemsize(meta.dtype)
+    if raw.size != math.prod(shape) * es:
+        raise DigestError(f"block of shape {shape} needs {math.prod(shape) * es} bytes, got {raw.size}")
     if not shape:
-        return _segments_pieces(meta, [(0, 0, 1, raw)], raw.size)
+        return _segments_pieces(meta, [(0, 0, 1, raw)], es)
     if math.prod(shape) == 0:
         return Pieces(meta)
     rows = raw.reshape(math.prod(shape[:-1]), -1)
@@ -274,9 +322,13 @@ def box_pieces(meta: TensorMeta, offsets: Sequence[int], local: Any) -> Pieces:
     else:
         idx = np.indices(shape[:-1]).reshape(len(shape) - 1, -1) + np.asarray(offsets[:-1])[:, None]
         lines = np.ravel_multi_index(tuple(idx), meta.shape[:-1])
-    c0 = offsets[-1]
-    es = rows.shape[1] // shape[-1]
-    return _segments_pieces(meta, ((int(g), c0, c0 + shape[-1], rows[i]) for i, g in enumerate(lines)), es)
+    c0, mv, n = offsets[-1], memoryview(rows), rows.shape[1]
+    flat = mv.cast("B") if mv.ndim > 1 else mv
+    if c0 == 0 and shape[-1] == meta.line_len:  # whole lines (any split but of the last dim): the fast path
+        return _whole_lines(meta, lines, flat, n, es)
+    return _segments_pieces(
+        meta, ((g, c0, c0 + shape[-1], flat[i * n : (i + 1) * n]) for i, g in enumerate(lines.tolist())), es
+    )
 
 
 def flat_pieces(meta: TensorMeta, start: int, local: Any) -> Pieces:

@@ -1,14 +1,22 @@
-"""Training checkpoints: atomic, digest-verified, full (unsharded) state that resumes on any world size.
+"""Training checkpoints: sharded (every rank writes and reads only its own shards), atomic, digest-verified.
 
-`checkpoints/step-XXXXXXXX/` holds a kmoe model checkpoint (model.safetensors, config.yaml, digests.json;
-see model/checkpoint.py) plus
-  optimizer.safetensors   AdamW moments and step per parameter, as `<param name>/<key>`
-  optimizer.json          the optimizer's param groups (hyper-parameters, parameter names)
-  rng.safetensors         torch CPU (and CUDA) RNG state of every rank, as `rank<r>.cpu` / `rank<r>.cuda`
-  trainer_state.json      step, data position (batch cursor, skipped batches), spike window, python/numpy RNG
-  checkpoint.json         written last: sha256 of every file above and per-tensor digests of every tensor file
-A directory is complete only once renamed from `.tmp-step-*` with checkpoint.json inside; `--resume auto`
-ignores anything else. Loading uses safetensors and JSON only (no pickle).
+`checkpoints/step-XXXXXXXX/` (format kmoe-train-checkpoint/2):
+  model/shard-<rank>.safetensors      this rank's blocks of the weights (training/dcp_storage.py)
+  optimizer/shard-<rank>.safetensors  its blocks of the AdamW moments (`<param>/exp_avg`, ...) and steps
+  config.yaml, digests.json           the kmoe model checkpoint beside them (model/checkpoint.py): resolved
+                                      config, per-tensor layout-independent digests and their Merkle root
+  optimizer.json                      the optimizer's param groups
+  rng.safetensors                     torch CPU (and CUDA) RNG state of every rank (`rank<r>.cpu`)
+  trainer_state.json                  step, data position, spike window, python/numpy RNG of every rank
+  checkpoint.json                     written last: sha256 and size of every file (shard files hashed once,
+                                      by the rank that wrote them, while writing), the chunk map, dtype,
+                                      shape and digest of every tensor, the roots the ledger records
+torch.distributed.checkpoint plans the writes and, on load, reads what each rank's layout needs, whatever
+layout saved it (world size, FSDP, expert parallelism). A directory is complete only once renamed from
+`.tmp-step-*` with checkpoint.json inside; `--resume auto` ignores anything else. Loading checks the
+files named in the manifest (present, recorded size), reads with safetensors and JSON only (no pickle),
+then checks every loaded tensor's digest, computed where it was loaded. Format-1 checkpoints (one full
+model.safetensors) still load (training/checkpoint_legacy.py).
 """
 
 from __future__ import annotations
@@ -19,26 +27,31 @@ import os
 import random
 import re
 import shutil
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import yaml
 from safetensors.torch import load_file, save_file
 
-from kmoe.hashing import (
-    LEGACY_SCHEME,
-    TENSOR_SCHEME,
-    named_merkle_root,
-    sha256_file,
-    sha256_json,
-    state_digests,
-)
-from model.checkpoint import CheckpointError, save_model_dir
+from kmoe.hashing import TENSOR_SCHEME, named_merkle_root, sha256_file, sha256_json, state_digests
+from model.checkpoint import CheckpointError
+
+from . import checkpoint_legacy
+from .dcp_storage import ShardReader, ShardWriter
+from .digests import sharded_digests
 
 log = logging.getLogger(__name__)
+# One process without a process group is a layout like any other here, not news (DCP warns on every call,
+# from the writer thread too when the save is async).
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-FORMAT = "kmoe-train-checkpoint/1"
+FORMAT = "kmoe-train-checkpoint/2"
 MANIFEST = "checkpoint.json"
 STEP_RE = re.compile(r"^step-(\d{8})$")
 
@@ -64,21 +77,32 @@ def latest(root: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def flatten_optimizer(opt_state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    tensors = {}
-    for name, slots in opt_state["state"].items():
-        for key, value in slots.items():
-            t = value if torch.is_tensor(value) else torch.tensor(value)
-            tensors[f"{name}/{key}"] = t.detach().to("cpu").contiguous()
-    return tensors, opt_state["param_groups"]
+# ---------------------------------------------------------------- state <-> flat DCP keys
 
 
-def unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict[str, Any]:
-    state: dict[str, dict[str, torch.Tensor]] = {}
-    for flat, t in tensors.items():
-        name, key = flat.rsplit("/", 1)
-        state.setdefault(name, {})[key] = t
-    return {"state": state, "param_groups": groups}
+def flatten_state(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """An engine state ({"model": {name: t}, "optimizer": {"state": {name: {slot: t}}, ...}}) as DCP keys
+    `model/<name>` and `optimizer/<name>/<slot>`; tensors stay as they are (DTensor shards stay shards)."""
+    flat = {f"model/{k}": v for k, v in state["model"].items()}
+    for name, slots in state["optimizer"]["state"].items():
+        for slot, v in slots.items():
+            flat[f"optimizer/{name}/{slot}"] = v if torch.is_tensor(v) else torch.tensor(v)
+    return flat
+
+
+def unflatten_state(flat: dict[str, torch.Tensor], groups: list[dict]) -> dict[str, Any]:
+    model, opt = {}, {}
+    for key, t in flat.items():
+        part, rest = key.split("/", 1)
+        if part == "model":
+            model[rest] = t
+        else:
+            name, slot = rest.rsplit("/", 1)
+            opt.setdefault(name, {})[slot] = t
+    return {"model": model, "optimizer": {"state": opt, "param_groups": groups}}
+
+
+# ---------------------------------------------------------------- RNG
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -109,61 +133,130 @@ def restore_rng(tensors: dict[str, torch.Tensor], host: dict[str, Any]) -> None:
     np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
 
 
-def _fsync_tree(path: Path) -> None:
-    for f in sorted(path.iterdir()):
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    _fsync_dir(path)
+def rank_rng(flat: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
+    """One rank's RNG tensors (rank 0's when the checkpoint had fewer ranks)."""
+    key = f"rank{rank}" if f"rank{rank}.cpu" in flat else "rank0"
+    return {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(key + ".")}
 
 
-def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], trainer_state: dict[str, Any],
-         rng: dict[str, dict[str, torch.Tensor]]) -> dict[str, Any]:  # fmt: skip
-    """Write one checkpoint atomically (rank 0 only); returns {path, digests, merkle_root}."""
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(root, step)
-    tmp = root / f".tmp-{final.name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    record = save_model_dir(tmp, state["model"], config)
-    opt_tensors, groups = flatten_optimizer(state["optimizer"])
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": groups}, indent=1))
-    rng_flat = {f"{rank}.{k}": v for rank, ts in rng.items() for k, v in ts.items()}
+def data_position(trainer: dict[str, Any]) -> dict[str, Any]:
+    """The part of the trainer state that says where in the data the run is (its hash goes to the ledger)."""
+    return {k: trainer[k] for k in ("step", "tokens", "batch_cursor", "skipped_batches") if k in trainer}
+
+
+# ---------------------------------------------------------------- saving
+
+
+@dataclass
+class HostState:
+    """What rank 0 writes beside the shards (small: no tensor of the model)."""
+
+    config: dict[str, Any]
+    trainer_state: dict[str, Any]
+    rng: dict[str, dict[str, torch.Tensor]]  # rank<r> -> {"cpu": ..., "cuda": ...}
+    param_groups: list[dict[str, Any]]
+
+
+@dataclass
+class PendingSave:
+    """A checkpoint whose shards are being written (async) or written; `finish_save` completes it."""
+
+    root: Path
+    step: int
+    tmp: Path
+    writer: ShardWriter
+    future: Any  # torch Future of an async save; None once the shards are on disk
+    host: HostState | None  # rank 0 only
+    asynchronous: bool
+
+    def done(self) -> bool:
+        return self.future is None or self.future.done()
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _dcp_args() -> dict[str, Any]:
+    return {"no_dist": not _distributed()}
+
+
+def begin_save(root: Path, step: int, flat: dict[str, torch.Tensor], host: HostState | None,
+               group: Any = None, asynchronous: bool = False) -> PendingSave:  # fmt: skip
+    """Every rank: write its shards of `flat` into `root/.tmp-step-N/` (in a background thread when
+    `asynchronous`; training may go on, the state was copied). Collective over `group`."""
+    tmp = root / f".tmp-{step_dir(root, step).name}"
+    if host is not None:  # rank 0 clears what a crashed earlier attempt left
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    if _distributed():
+        dist.barrier(group=group)
+    writer = ShardWriter(tmp)
+    kw = _dcp_args()
+    future = dcp.async_save(flat, storage_writer=writer, process_group=group, **kw) if asynchronous else None
+    if not asynchronous:
+        dcp.save(flat, storage_writer=writer, process_group=group, **kw)
+    return PendingSave(root, step, tmp, writer, future, host, asynchronous)
+
+
+def finish_save(p: PendingSave) -> dict[str, Any] | None:
+    """Wait for the shards; on rank 0 write the small files and the manifest, rename atomically and return
+    {path, roots, files, digest_scheme} for the ledger (None on other ranks). No collective."""
+    if p.future is not None:
+        p.future.result()
+        p.future = None
+    if p.host is None:
+        return None
+    summary = p.writer.summary
+    assert summary is not None, "the coordinator's writer summarises the save"
+    tmp, host = p.tmp, p.host
+    (tmp / "config.yaml").write_text(yaml.safe_dump(host.config, sort_keys=False, allow_unicode=True))
+    (tmp / "optimizer.json").write_text(json.dumps({"param_groups": host.param_groups}, indent=1))
+    rng_flat = {f"{rank}.{k}": v for rank, ts in host.rng.items() for k, v in ts.items()}
     save_file(rng_flat, str(tmp / "rng.safetensors"))
-    (tmp / "trainer_state.json").write_text(json.dumps(trainer_state, indent=1, sort_keys=True))
-    manifest = {
-        "format": FORMAT,
-        "step": step,
-        "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
-        "digest_scheme": TENSOR_SCHEME,
-        "tensors": {
-            "model.safetensors": record["tensors"],
-            "optimizer.safetensors": state_digests(opt_tensors, TENSOR_SCHEME),
-            "rng.safetensors": state_digests(rng_flat, TENSOR_SCHEME),
-        },
-        "model_merkle_root": record["merkle_root"],
+    (tmp / "trainer_state.json").write_text(json.dumps(host.trainer_state, indent=1, sort_keys=True))
+    model = {n: t["digest"] for n, t in summary["tensors"].get("model", {}).items()}
+    digests = {"tensors": model, "merkle_root": named_merkle_root(model), "scheme": TENSOR_SCHEME}
+    (tmp / "digests.json").write_text(json.dumps(digests, indent=1, sort_keys=True))
+    files = {rel: f["sha256"] for rel, f in summary["files"].items()}
+    files.update({n: sha256_file(tmp / n) for n in ("config.yaml", "optimizer.json", "rng.safetensors",
+                                                    "trainer_state.json", "digests.json")})  # fmt: skip
+    optimizer = {n: t["digest"] for n, t in summary["tensors"].get("optimizer", {}).items()}
+    roots = {
+        "model": digests["merkle_root"],
+        "optimizer": named_merkle_root(optimizer),
+        "rng": named_merkle_root(state_digests(rng_flat, TENSOR_SCHEME)),
+        "data": sha256_json(data_position(host.trainer_state["trainer"])),
     }
+    manifest = {"format": FORMAT, "step": p.step, "digest_scheme": TENSOR_SCHEME, "roots": roots,
+                "world_size": host.trainer_state.get("world_size"), "files": dict(sorted(files.items())),
+                "sizes": {rel: f["bytes"] for rel, f in summary["files"].items()}, "shards": summary["shards"],
+                "tensors": summary["tensors"]}  # fmt: skip
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync_tree(tmp)
+    files[MANIFEST] = sha256_file(tmp / MANIFEST)
+    final = _publish(p.root, tmp, p.step)
+    return {"path": final, "roots": roots, "files": files, "digest_scheme": TENSOR_SCHEME,
+            "written_async": p.asynchronous}  # fmt: skip
+
+
+def _publish(root: Path, tmp: Path, step: int) -> Path:
+    """fsync the small files and every directory, then rename into place (shard files were fsynced by
+    the ranks that wrote them)."""
+    for f in sorted(tmp.iterdir()):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        else:
+            _fsync_dir(f)
+    _fsync_dir(tmp)
+    final = step_dir(root, step)
     if final.exists():  # rewritten after a rollback: replace, never leave two
         trash = root / f".trash-{final.name}-{os.getpid()}"
         final.rename(trash)
         shutil.rmtree(trash)
     tmp.rename(final)
     _fsync_dir(root)
-    roots = {
-        "model": record["merkle_root"],
-        "optimizer": named_merkle_root(manifest["tensors"]["optimizer.safetensors"]),
-        "rng": named_merkle_root(manifest["tensors"]["rng.safetensors"]),
-        "data": sha256_json(data_position(trainer_state["trainer"])),
-    }
-    return {"path": final, "digests": record["tensors"], "merkle_root": record["merkle_root"], "roots": roots,
-            "digest_scheme": TENSOR_SCHEME}  # fmt: skip
-
-
-def data_position(trainer: dict[str, Any]) -> dict[str, Any]:
-    """The part of the trainer state that says where in the data the run is (its hash goes to the ledger)."""
-    return {k: trainer[k] for k in ("step", "tokens", "batch_cursor", "skipped_batches") if k in trainer}
+    return final
 
 
 def _fsync_dir(path: Path) -> None:
@@ -196,50 +289,67 @@ def remove_partial(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _check_tensors(path: Path, fname: str, recorded: dict[str, str], scheme: str) -> dict[str, torch.Tensor]:
-    try:
-        tensors = load_file(str(path / fname))
-    except Exception as e:  # a corrupt header: the file cannot even be parsed
-        raise CheckpointError(f"{path / fname}: unreadable safetensors file ({e})") from e
-    actual = state_digests(tensors, scheme)
-    for name in sorted(set(recorded) | set(actual)):
-        if recorded.get(name) != actual.get(name):
-            raise CheckpointError(
-                f"{path}: tensor '{name}' in {fname} does not match its recorded digest ({scheme}) "
-                "(corrupt or modified checkpoint; refusing to resume from it)"
-            )
-    return tensors
+# ---------------------------------------------------------------- loading
 
 
-def load(path: Path) -> dict[str, Any]:
-    """Read and verify a checkpoint: every tensor and file against checkpoint.json. Errors name the tensor."""
+def read_manifest(path: Path) -> dict[str, Any]:
+    """checkpoint.json of a complete checkpoint (either format); errors name the file."""
     mf = path / MANIFEST
     if not mf.is_file():
         raise CheckpointError(f"{path}: incomplete checkpoint ({MANIFEST} missing)")
     manifest = json.loads(mf.read_text())
-    if manifest.get("format") != FORMAT:
+    if manifest.get("format") not in (FORMAT, checkpoint_legacy.FORMAT):
         raise CheckpointError(f"{mf}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
-    scheme = manifest.get("digest_scheme", LEGACY_SCHEME)
-    tensors = {f: _check_tensors(path, f, manifest["tensors"][f], scheme) for f in manifest["tensors"]}
-    model_digests = json.loads((path / "digests.json").read_text())["tensors"]
-    if model_digests != manifest["tensors"]["model.safetensors"]:
-        raise CheckpointError(f"{path}: digests.json disagrees with {MANIFEST}")
-    for fname, digest in manifest["files"].items():
-        if sha256_file(path / fname) != digest:
-            raise CheckpointError(f"{path}: file {fname} does not match its recorded sha256")
-    groups = json.loads((path / "optimizer.json").read_text())["param_groups"]
-    return {
-        "model": tensors["model.safetensors"],
-        "optimizer": unflatten_optimizer(tensors["optimizer.safetensors"], groups),
-        "rng": tensors["rng.safetensors"],
-        "trainer_state": json.loads((path / "trainer_state.json").read_text()),
-        "merkle_root": named_merkle_root(manifest["tensors"]["model.safetensors"]),
-        "digest_scheme": scheme,
-        "step": int(manifest["step"]),
-    }
+    return manifest
 
 
-def rank_rng(flat: dict[str, torch.Tensor], rank: int) -> dict[str, torch.Tensor]:
-    """One rank's RNG tensors (rank 0's when the checkpoint had fewer ranks)."""
-    key = f"rank{rank}" if f"rank{rank}.cpu" in flat else "rank0"
-    return {k.split(".", 1)[1]: v for k, v in flat.items() if k.startswith(key + ".")}
+def check_files(path: Path, manifest: dict[str, Any]) -> None:
+    """Every shard file the manifest names is there with its recorded size (a cheap check before reading;
+    the content is checked by the digests of what is loaded)."""
+    for rel, size in sorted(manifest["sizes"].items()):
+        f = path / rel
+        if not f.is_file():
+            raise CheckpointError(f"{path}: shard file {rel} is missing")
+        if f.stat().st_size != size:
+            raise CheckpointError(
+                f"{path}: shard file {rel} has {f.stat().st_size} bytes, recorded {size} (truncated?)"
+            )
+
+
+def load_into(path: Path, manifest: dict[str, Any], flat: dict[str, torch.Tensor], group: Any = None) -> str:
+    """Every rank: fill `flat` (its own layout's tensors, DCP keys) from the checkpoint's shards, then check
+    each tensor's digest, computed by the ranks that hold it. Returns the Merkle root of the model digests
+    measured on the loaded tensors (what the ledger records for the load). Collective."""
+    check_files(path, manifest)
+    dcp.load(flat, storage_reader=ShardReader(path, manifest), process_group=group, **_dcp_args())
+    got = sharded_digests(flat, group)
+    for key in sorted(flat):
+        part, name = key.split("/", 1)
+        want = manifest["tensors"][part][name]["digest"]
+        if got[key] != want:
+            raise CheckpointError(
+                f"{path}: tensor '{name}' ({part}) does not match its recorded digest after loading "
+                "(corrupt or modified shard file; refusing to resume from it)"
+            )
+    return named_merkle_root({k.split("/", 1)[1]: d for k, d in got.items() if k.startswith("model/")})
+
+
+def load_host(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """The small files (JSON and the RNG file), read by every rank."""
+    rng_file = path / "rng.safetensors"
+    if sha256_file(rng_file) != manifest["files"]["rng.safetensors"]:
+        raise CheckpointError(f"{path}: file rng.safetensors does not match its recorded sha256")
+    out = {"rng": load_file(str(rng_file)), "merkle_root": manifest["roots"]["model"], "step": int(manifest["step"]),
+           "digest_scheme": manifest["digest_scheme"]}  # fmt: skip
+    for name in ("trainer_state.json", "optimizer.json"):
+        raw = (path / name).read_bytes()
+        if sha256_file(path / name) != manifest["files"][name]:
+            raise CheckpointError(f"{path}: file {name} does not match its recorded sha256")
+        out[name] = json.loads(raw)
+    out["trainer_state"] = out.pop("trainer_state.json")
+    out["param_groups"] = out.pop("optimizer.json")["param_groups"]
+    return out
+
+
+def load_legacy(path: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    return checkpoint_legacy.load(path, manifest)

@@ -70,6 +70,7 @@ class CheckpointConfig:
     every: int = 50
     keep_last: int = 3
     keep_every: int = 0  # also keep every K-th step forever; 0 disables
+    async_save: bool = False  # interval checkpoints written by a background thread while training goes on
 
 
 @dataclass
@@ -87,6 +88,7 @@ class LaunchConfig:
 
     nodes: int = 1
     gpus_per_node: int = 8  # one rank per GPU; 0 = CPU ranks (gloo), `procs_per_node` of them
+    gpu_memory_gib: float = 80.0  # per GPU (H100 80, H200 141); `kmoe train` refuses a layout that cannot fit
     procs_per_node: int = 0  # ranks per node; 0 = gpus_per_node (must be set when gpus_per_node is 0)
     cpus_per_task: int = 0  # CPUs for each node's torchrun and its ranks; 0 = the partition's default
     partition: str = ""
@@ -209,6 +211,10 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x "
                 f"data-parallel size ({t.micro_batch_size} x {dp})"
             )
+    if world_size is not None and cfg.engine.name == "native" and cfg.launch.gpus_per_node:
+        from .memory_plan import check_fits
+
+        check_fits(cfg, world_size)  # a layout that cannot fit its GPUs is refused before any compute
     if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1:
         raise ConfigError("checkpoint.every must be >= 0 and checkpoint.keep_last >= 1")
     if cfg.log.every <= 0:
@@ -237,6 +243,8 @@ def _validate_launch(cfg: RunConfig) -> None:
             raise ConfigError(f"launch.{key}: must be >= 0, got {getattr(la, key)}")
     if la.nodes < 1:
         raise ConfigError(f"launch.nodes: must be >= 1, got {la.nodes}")
+    if la.gpus_per_node and la.gpu_memory_gib <= 0:
+        raise ConfigError(f"launch.gpu_memory_gib: must be positive with GPUs, got {la.gpu_memory_gib}")
     if la.gpus_per_node == 0 and la.procs_per_node == 0:
         raise ConfigError("launch.procs_per_node: set the CPU ranks per node when launch.gpus_per_node is 0")
     if la.gpus_per_node and la.procs_per_node not in (0, la.gpus_per_node):

@@ -10,6 +10,7 @@ dim, a 2-D mesh with both, Shard(1), Replicate).
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -21,31 +22,56 @@ from kmoe.hashing import DigestError, Pieces, TensorMeta, box_pieces, combine_pi
 NamedPieces = list[tuple[str, Pieces]]
 
 
-def dtensor_block(t: Any) -> tuple[tuple[int, ...], torch.Tensor] | None:
-    """(global offsets, local tensor) of the block this rank holds of DTensor `t`, or None when another
-    replica (a rank with a lower coordinate on a Replicate mesh dim) holds the same block and hashes it."""
-    from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+def dtensor_blocks(t: Any) -> list[tuple[tuple[int, ...], torch.Tensor]] | None:
+    """(global offsets, block) of every box of DTensor `t` this rank holds, or None when another replica (a
+    rank with a lower coordinate on a Replicate mesh dim) holds the same data and hashes it.
 
-    coord = t.device_mesh.get_coordinate()
+    Shard and _StridedShard placements (FSDP2 over an expert-parallel or tensor-parallel shard) are followed
+    mesh dim by mesh dim to the global index of every local row, as DTensor itself places them; a local
+    tensor whose rows are not consecutive in some dim is cut into the boxes where they are."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import _get_shard_size_and_offsets
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    mesh, coord = t.device_mesh, t.device_mesh.get_coordinate()
     if coord is None:  # this rank is not in the tensor's mesh
         return None
+    index: dict[int, torch.Tensor] = {}
     for dim, p in enumerate(t.placements):
         if type(p) is Replicate:
             if coord[dim] != 0:
                 return None
-        elif type(p) is not Shard:
-            raise DigestError(
-                f"placement {p} on mesh dim {dim}: digests need Shard(d) or Replicate placements "
-                "(redistribute Partial or strided shards first)"
+        elif isinstance(p, Shard | _StridedShard):
+            cur = index.get(p.dim)
+            size = t.shape[p.dim] if cur is None else len(cur)
+            _, idx = _get_shard_size_and_offsets(
+                size, mesh.size(dim), coord[dim], p, cur, t.shape[p.dim], False
             )
-    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+            index[p.dim] = idx[:0] if _ == 0 else idx
+        else:
+            raise DigestError(f"placement {p} on mesh dim {dim}: digests need Shard(d) or Replicate placements "
+                              "(redistribute a Partial tensor first)")  # fmt: skip
     local = t.to_local()
-    if tuple(local.shape) != tuple(shape):
-        raise DigestError(
-            f"local shard {tuple(local.shape)} is not the block {tuple(shape)} its placements imply"
-        )
-    return tuple(int(o) for o in offsets), local
+    runs = [_runs(index[d].tolist()) if d in index else [(0, 0, n)] for d, n in enumerate(t.shape)]
+    if tuple(local.shape) != tuple(sum(r[2] for r in rr) for rr in runs):
+        raise DigestError(f"local shard {tuple(local.shape)} is not the block its placements imply")
+    if all(len(rr) == 1 for rr in runs):
+        return [(tuple(r[0][1] for r in runs), local)]
+    return [
+        (tuple(g for _, g, _ in box), local[tuple(slice(k, k + n) for k, _, n in box)].contiguous())
+        for box in itertools.product(*runs)
+    ]
+
+
+def _runs(indices: list[int]) -> list[tuple[int, int, int]]:
+    """Maximal runs of consecutive global indices: (first local position, first global index, length)."""
+    out: list[tuple[int, int, int]] = []
+    for k, g in enumerate(indices):
+        if out and out[-1][1] + out[-1][2] == g:
+            out[-1] = (out[-1][0], out[-1][1], out[-1][2] + 1)
+        else:
+            out.append((k, g, 1))
+    return out
 
 
 def local_pieces(state: Mapping[str, Any], rank: int = 0, world: int = 1) -> NamedPieces:
@@ -56,12 +82,11 @@ def local_pieces(state: Mapping[str, Any], rank: int = 0, world: int = 1) -> Nam
     for i, (name, t) in enumerate(sorted(state.items())):
         if isinstance(t, DTensor):
             meta = TensorMeta(str(t.dtype).removeprefix("torch."), tuple(int(n) for n in t.shape))
-            block = dtensor_block(t)
-            if block is None:
+            blocks = dtensor_blocks(t)
+            if not blocks:
                 out.append((name, Pieces(meta)))  # names the tensor, so a tensor held nowhere is noticed
-                continue
-            offsets, local = block
-            out.append((name, box_pieces(meta, offsets, local.detach().cpu())))
+            for offsets, local in blocks or []:
+                out.append((name, box_pieces(meta, offsets, local.detach().cpu())))
         elif i % world == rank:
             out.append((name, box_pieces(meta_of(t), (0,) * t.dim(), t.detach().cpu())))
     return out

@@ -267,12 +267,14 @@ class Ledger:
         roots: dict[str, str],
         files: Mapping[str, str] | None = None,
         digest_scheme: str = TENSOR_SCHEME,
+        written_async: bool = False,
     ) -> dict[str, Any]:
         """A checkpoint written at `step`, then a signature over the chain head.
 
         `roots` holds the Merkle roots the trainer computed from memory (model, optimizer, rng, data) over
         per-tensor digests of `digest_scheme`; `files` the sha256 of every file in the directory, as the
-        writer hashed them while writing (computed here only when not given).
+        writer hashed them while writing (computed here only when not given). `written_async`: the checkpoint
+        of `step` was written in the background and is recorded after later steps.
         """
         path = Path(path)
         if not path.is_dir():
@@ -286,6 +288,7 @@ class Ledger:
             roots=dict(roots),
             digest_scheme=digest_scheme,
             files=dict(files) if files is not None else dir_file_digests(path),
+            **({"written_async": True} if written_async else {}),
         )
         self._sign(final=False)
         return rec

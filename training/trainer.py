@@ -11,12 +11,11 @@ import json
 import logging
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import yaml
 
 from kmoe.hashing import LEGACY_SCHEME, named_merkle_root, state_digests
@@ -32,6 +31,7 @@ from .metrics import MetricsLogger
 from .parallel import DistInfo, barrier
 from .schedule import lr_at
 from .signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
+from .trainer_checkpoint import CheckpointingMixin
 
 log = logging.getLogger(__name__)
 TRAINER = "kmoe-train"  # the genesis record's `trainer`: `kmoe audit replay` picks its engine by it
@@ -79,7 +79,9 @@ def global_loss(engine: Engine, stats: LossStats) -> tuple[float, float]:
     return loss_sum, aux
 
 
-class Trainer:
+class Trainer(CheckpointingMixin):
+    TrainerState = TrainerState
+
     def __init__(self, cfg: RunConfig, run_dir: Path, info: DistInfo, ledger: LedgerHook | None = None):
         self.cfg, self.run_dir, self.info = cfg, Path(run_dir), info
         self.ledger: LedgerHook = ledger if (ledger is not None and info.is_main) else NullLedger()
@@ -173,17 +175,6 @@ class Trainer:
         """A path as the ledger records it: relative to the run directory when inside it."""
         p, root = Path(path).resolve(), self.run_dir.resolve()
         return p.relative_to(root).as_posix() if p.is_relative_to(root) else str(p)
-
-    def load_checkpoint_state(self, path: Path) -> dict[str, Any]:
-        """Model, optimizer (router bias included), data position, spike window and RNG from a verified
-        checkpoint; records nothing. Resume, rollback and `kmoe audit replay` all load through here."""
-        loaded = ckpt.load(path)  # verifies every tensor and file before anything is used
-        self.engine.load_state_dict({"model": loaded["model"], "optimizer": loaded["optimizer"]})
-        ts = loaded["trainer_state"]
-        self.state = TrainerState(**ts["trainer"])
-        host = ts["host_rng"].get(f"rank{self.info.rank}", ts["host_rng"]["rank0"])
-        ckpt.restore_rng(ckpt.rank_rng(loaded["rng"], self.info.rank), host)
-        return loaded
 
     def _restore(self, path: Path, why: str, **fields: Any) -> None:
         loaded = self.load_checkpoint_state(path)
@@ -298,6 +289,7 @@ class Trainer:
                 log.info("eval step %d: %s", s, evaluation.summary(results))
                 self.metrics.event("eval", step=s, results=results)
                 self.ledger.event("eval", step=s, results=results)
+        self._poll_checkpoint()  # an async checkpoint that has finished gets recorded
         every = self.cfg.checkpoint.every
         if every > 0 and s % every == 0:
             self._checkpoint(reason="interval")
@@ -338,6 +330,7 @@ class Trainer:
         if self._replaying:
             log.warning("replay: loss spike at batch %d (%s); not rolling back", batch.index, loss)
             return False
+        self._finish_pending()  # an async checkpoint still being written is the one to roll back to
         path = ckpt.latest(self.ckpt_root)
         if path is None:
             log.warning("loss spike at batch %d but no checkpoint to roll back to; skipping it", batch.index)
@@ -348,41 +341,3 @@ class Trainer:
                       skipped_batch_hash=batch.sha256)  # fmt: skip
         self.state.skipped_batches = sorted(set(self.state.skipped_batches) | skipped)
         return True
-
-    # ---- checkpoints -------------------------------------------------------------------------
-    def _checkpoint_unless_written(self, reason: str) -> None:
-        """Checkpoint this step unless its interval checkpoint (or the one resumed from) already exists: the
-        ledger recorded that one's files, so writing the step again would break them."""
-        if not ckpt.step_dir(self.ckpt_root, self.state.step).is_dir():
-            self._checkpoint(reason=reason)
-
-    def _checkpoint(self, reason: str) -> None:
-        state = self.engine.state_dict()  # collective: every rank takes part
-        rng_t, rng_host = ckpt.rng_state()
-        gathered: list[Any] = [(rng_t, rng_host)]
-        if self.info.initialized:
-            gathered = [None] * self.info.world
-            dist.all_gather_object(gathered, (rng_t, rng_host))
-        if self.info.is_main:
-            trainer_state = {
-                "trainer": asdict(self.state),
-                "host_rng": {f"rank{r}": g[1] for r, g in enumerate(gathered)},
-                "config_hash": config_hash(self.cfg),
-                "world_size": self.info.world,
-                "layout": self.engine.layout(),
-                "reason": reason,
-                "time": time.time(),
-            }
-            rng = {f"rank{r}": g[0] for r, g in enumerate(gathered)}
-            rec = ckpt.save(self.ckpt_root, self.state.step, state, config_dict(self.cfg), trainer_state, rng)
-            log.info("checkpoint %s (%s)", rec["path"], reason)
-            self.metrics.event("checkpoint", step=self.state.step, path=str(rec["path"]), reason=reason,
-                               roots=rec["roots"])  # fmt: skip
-            self.ledger.checkpoint(self.state.step, rec["path"], tokens=self.state.tokens, roots=rec["roots"],
-                                   digest_scheme=rec["digest_scheme"])  # fmt: skip
-            self.metrics.summary(self.ledger.identity())  # the signed head: survives a later crash
-            for gone in ckpt.prune(
-                self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every
-            ):
-                self.ledger.event("checkpoint_deleted", path=self._rel(gone), reason="retention")
-        barrier(self.info)

@@ -1,15 +1,14 @@
 """Layout-independent digests on 4 gloo ranks: DTensors on 1-D and 2-D meshes (Shard(0) uneven, Shard(1),
-EP x FSDP, Replicate) and an FSDP2-sharded model give exactly the digests of the full tensors, with no
-tensor gathered; a Partial placement is refused by name."""
+EP x FSDP, Replicate, DTensor strided shards as FSDP2 over an EP shard makes them) and an FSDP2-sharded model
+give exactly the digests of the full tensors, with no tensor gathered; a Partial placement is refused by name."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from gloo_ranks import run_gloo
+from multirank import run_distributed_test
 
 from kmoe.hashing import layout_digest
 
@@ -23,6 +22,10 @@ CASES = {  # name: (shape, mesh shape, placements as (kind, dim))
     "ep_x_fsdp": ((8, 6, 2100), (2, 2), [("S", 0), ("S", 0)]),
     "ep_x_fsdp_dim1": ((8, 6, 2100), (2, 2), [("S", 0), ("S", 1)]),
     "replicate_x_shard": ((9, 1500), (2, 2), [("R", 0), ("S", 0)]),
+    # FSDP2 over an expert-parallel shard: DTensor's strided placement (issue 14's [efsdp, ep] mesh)
+    "fsdp_over_ep_strided": ((8, 6, 2100), (2, 2), [("SS", 0), ("S", 0)]),
+    # a strided placement whose local rows are not consecutive globally: hashed as several boxes
+    "strided_interleaved": ((8, 3000), (2, 2), [("S", 0), ("SS", 0)]),
 }
 
 
@@ -31,9 +34,10 @@ def full_tensor(name: str) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(sum(map(ord, name))))
 
 
-def worker(rank: int, world: int, out: str) -> None:
+def worker() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     from kmoe.hashing import DigestError
     from training.digests import sharded_digests
@@ -41,7 +45,8 @@ def worker(rank: int, world: int, out: str) -> None:
     state = {}
     for name, (_, mesh_shape, places) in CASES.items():
         mesh = init_device_mesh("cpu", mesh_shape)
-        placements = [Shard(d) if k == "S" else Replicate() for k, d in places]
+        kinds = {"S": Shard, "R": lambda _: Replicate(), "SS": lambda d: _StridedShard(d, split_factor=2)}
+        placements = [kinds[k](d) for k, d in places]
         state[name] = distribute_tensor(full_tensor(name), mesh, placements)
         assert state[name].to_local().numel() < full_tensor(name).numel() or "S" not in {k for k, _ in places}
     got = sharded_digests(state)
@@ -52,8 +57,7 @@ def worker(rank: int, world: int, out: str) -> None:
         refused = ""
     except DigestError as e:
         refused = str(e)
-    if rank == 0:
-        Path(out).write_text(json.dumps({"digests": got, "refused": refused}))
+    return {"digests": got, "refused": refused}
 
 
 def toy_model():
@@ -82,10 +86,9 @@ def fsdp_model_digests() -> dict[str, str]:
     return sharded_digests(get_model_state_dict(model))
 
 
-def test_sharded_digests_equal_full_tensor_digests(tmp_path):
-    out = tmp_path / "result.json"
-    run_gloo(worker, 4, tmp_path, str(out))
-    res = json.loads(out.read_text())
+def test_sharded_digests_equal_full_tensor_digests():
+    res, *others = run_distributed_test(worker, world_size=4)
+    assert all(o == res for o in others)  # every rank gets the same digests
     for name in CASES:
         assert res["digests"][name] == layout_digest(full_tensor(name)), name
     cfg, MoETransformer, init_weights = toy_model()

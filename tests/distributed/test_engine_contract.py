@@ -47,17 +47,29 @@ def _step(engine, batch, cfg) -> dict:
             "load": res.expert_load_LE.tolist()}  # fmt: skip
 
 
-def _rank0_state(engine) -> dict:
-    """`state_dict` is complete on rank 0; the full state every rank loads, copied (as from a checkpoint:
-    one process's state may alias the engine's live tensors)."""
-    import copy
-
+def _round_trip(a, b, run_dir: str) -> None:
+    """`a`'s state through a sharded checkpoint into `b`: each rank writes its own shards of
+    `a.state_dict()` and reads back what `b.state_dict()` holds on it (training/checkpoint.py)."""
     import torch.distributed as dist
 
-    state = [copy.deepcopy(engine.state_dict())]
+    from training import checkpoint as ckpt
+
+    root, rank0 = Path(run_dir) / "round-trip", not dist.is_initialized() or dist.get_rank() == 0
+    state = a.state_dict()
+    host = None
+    if rank0:
+        trainer_state = {"trainer": {"step": 1, "tokens": 0}, "world_size": a.dims.world}
+        host = ckpt.HostState(
+            {}, trainer_state, {"rank0": {"cpu": torch.get_rng_state()}}, state["optimizer"]["param_groups"]
+        )
+    ckpt.finish_save(ckpt.begin_save(root, 1, ckpt.flatten_state(state), host))
     if dist.is_initialized():
-        dist.broadcast_object_list(state, src=0)
-    return state[0]
+        dist.barrier()  # rank 0 renamed the directory into place
+    path = ckpt.step_dir(root, 1)
+    manifest = ckpt.read_manifest(path)
+    flat = ckpt.flatten_state(b.state_dict())
+    ckpt.load_into(path, manifest, flat)
+    b.load_state_dict(ckpt.unflatten_state(flat, ckpt.load_host(path, manifest)["param_groups"]))
 
 
 def contract_run(case: EngineCase, shards: str, run_dir: str) -> dict:
@@ -76,7 +88,7 @@ def contract_run(case: EngineCase, shards: str, run_dir: str) -> dict:
     out["eval"] = evaluation.evaluate(a, data)
     b = build_engine(cfg, info)
     b.build(cfg.train.seed + 1)  # other weights, then the state of `a`
-    b.load_state_dict(_rank0_state(a))
+    _round_trip(a, b, run_dir)
     out["a_saved"], out["b_loaded"] = a.param_digests(), b.param_digests()
     junk = data.global_batch(STEPS + 5)
     from training.trainer import micro_batches

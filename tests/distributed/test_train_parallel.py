@@ -80,7 +80,8 @@ def test_two_ranks_match_single_process(shards, reference, tmp_path, strategy):
         for lang, r in res.items():
             assert evals(run)[step][lang]["loss"] == pytest.approx(r["loss"], abs=1e-5)
     if strategy == "fsdp":
-        # The FSDP2 checkpoint (full tensors, kmoe names) resumes on one process and continues the same run.
+        # The FSDP2 checkpoint (each rank its shards, kmoe names) resumes resharded on one process and
+        # continues the same run.
         resumed = tmp_path / "resumed-single"
         resumed.mkdir()
         single(shards, resumed, resume=str(run / "checkpoints/step-00000005"))
@@ -88,6 +89,20 @@ def test_two_ranks_match_single_process(shards, reference, tmp_path, strategy):
         assert sorted(after) == list(range(6, STEPS + 1))
         for step in after:
             assert after[step] == pytest.approx(got[step], abs=1e-5, rel=1e-5), step
+        verify_names_a_missing_shard(run, tmp_path / "tampered")
+
+
+def verify_names_a_missing_shard(run, copy) -> None:
+    """`kmoe audit verify` checks the shard files of both ranks without loading the model."""
+    import shutil
+
+    from training.audit.verify import verify_run
+
+    assert verify_run(run).ok
+    shutil.copytree(run, copy)
+    (copy / "checkpoints/step-00000010/model/shard-00001.safetensors").unlink()
+    found = "\n".join(verify_run(copy).findings)
+    assert "model/shard-00001.safetensors is recorded but missing" in found and "is held by no shard" in found
 
 
 def test_signal_to_one_rank_stops_both_at_the_same_step(shards, tmp_path):

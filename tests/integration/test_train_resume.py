@@ -137,7 +137,10 @@ def flip_byte_in_tensor(path: Path, tensor: str) -> None:
 
 @pytest.mark.parametrize(
     "fname,tensor",
-    [("model.safetensors", "layers.1.mlp.router.weight"), ("optimizer.safetensors", "embed.weight/exp_avg")],
+    [
+        ("model/shard-00000.safetensors", "layers.1.mlp.router.weight"),
+        ("optimizer/shard-00000.safetensors", "embed.weight/exp_avg"),
+    ],
 )
 def test_flipped_byte_is_refused_naming_the_tensor(shards, straight, tmp_path, fname, tensor):
     import shutil

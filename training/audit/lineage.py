@@ -46,7 +46,9 @@ NORM_NOTE = (
 def load_hf_space(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors under Glm4Moe (HF) names, from a kmoe checkpoint dir or an HF export dir, as float32."""
     path = Path(path)
-    if (path / "config.yaml").is_file() and (path / "model.safetensors").is_file():
+    if (path / "config.yaml").is_file() and (
+        (path / "model.safetensors").is_file() or (path / "model").is_dir()
+    ):
         from model.checkpoint import load_model_dir
         from model.export_hf import hf_tensors
 
@@ -54,7 +56,9 @@ def load_hf_space(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         return {k: v.float() for k, v in hf_tensors(cfg, state)}, {"format": "kmoe", "path": str(path)}
     files = sorted(path.glob("*.safetensors"))
     if not (path / "config.json").is_file() or not files:
-        raise ValueError(f"{path}: neither a kmoe checkpoint (config.yaml + model.safetensors) nor an HF dir")
+        raise ValueError(
+            f"{path}: neither a kmoe checkpoint (config.yaml + model.safetensors or model/ shards) nor an HF dir"
+        )
     state: dict[str, torch.Tensor] = {}
     for f in files:
         state.update({k: v.float() for k, v in load_file(str(f)).items()})

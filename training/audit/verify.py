@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from kmoe.hashing import named_merkle_root, sha256_file, sha256_json
+from training.audit.shard_check import check_sharded
 from training.ledger import default_key_path
 from training.ledger_chain import (
     FORMAT,
@@ -145,19 +146,38 @@ def check_checkpoints(v: Verification) -> None:
                 )
             continue
         files = rec.get("files") or {}
+        hashed = _sharded(v, where, path, rel, rec)  # shard files: hashed in the same pass as their digests
         on_disk = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()}
         for name in sorted(set(files) | on_disk):
             if name not in files:
                 v.findings.append(f"{where}: {rel}/{name} is on disk but not recorded")
             elif name not in on_disk:
                 v.findings.append(f"{where}: {rel}/{name} is recorded but missing")
-            elif sha256_file(path / name) != files[name]:
+            elif hashed.get(name, "") != files[name] and (
+                name in hashed or sha256_file(path / name) != files[name]
+            ):
                 v.findings.append(f"{where}: {rel}/{name} does not match its recorded sha256")
         digests = path / "digests.json"
         if digests.is_file():
             root = json.loads(digests.read_text()).get("merkle_root")
             if root != (rec.get("roots") or {}).get("model"):
                 v.findings.append(f"{where}: digests.json merkle root is not the recorded model root")
+
+
+def _sharded(v: Verification, where: str, path: Path, rel: str, rec: dict[str, Any]) -> dict[str, str]:
+    """A format-2 (sharded) checkpoint: every tensor's digest recomputed from the shard files as stored."""
+    mf = path / "checkpoint.json"
+    try:
+        manifest = json.loads(mf.read_text()) if mf.is_file() else {}
+    except ValueError:
+        return {}
+    if manifest.get("format") != "kmoe-train-checkpoint/2":
+        return {}
+    findings, hashed = check_sharded(
+        path, rel, manifest, rec.get("files") or {}, (rec.get("roots") or {}).get("model")
+    )
+    v.findings += [f"{where}: {f}" for f in findings]
+    return hashed
 
 
 def _unrecorded_checkpoints(v: Verification, recs: list) -> None:
@@ -182,6 +202,7 @@ def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
     known_roots = {(genesis.get("init") or {}).get("merkle_root")}
     ckpts: dict[str, dict[str, Any]] = {}
     last_step, last_tokens = 0, 0
+    tokens_at: dict[int, int] = {0: 0}  # tokens after each step of the current trajectory
     torn_seqs = {ev.get("seq") for _, ev in (v.chain.torn if v.chain else [])}
     for line, rec in recs:
         kind, where = rec.get("kind"), _where(rec, line)
@@ -197,8 +218,17 @@ def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
                 else:
                     last_tokens = tokens
             last_step = step if isinstance(step, int) else last_step
+            tokens_at[last_step] = last_tokens
         elif kind == "checkpoint":
-            if rec.get("step") != last_step or rec.get("tokens") != last_tokens:
+            lagging = (
+                rec.get("written_async") and isinstance(rec.get("step"), int) and rec["step"] < last_step
+            )
+            if lagging and rec.get("tokens") != tokens_at.get(rec["step"]):
+                v.findings.append(
+                    f"{where}: async checkpoint at step {rec.get('step')} / tokens {rec.get('tokens')} but step "
+                    f"{rec.get('step')} recorded {tokens_at.get(rec['step'])} tokens"
+                )
+            elif not lagging and (rec.get("step") != last_step or rec.get("tokens") != last_tokens):
                 v.findings.append(
                     f"{where}: checkpoint at step {rec.get('step')} / tokens {rec.get('tokens')} but the last "
                     f"step recorded is {last_step} / {last_tokens}"
@@ -219,6 +249,7 @@ def check_continuity(v: Verification, genesis: dict[str, Any]) -> None:
                     f"{where}: {ev} root/step differ from the checkpoint record seq {ck.get('seq')}"
                 )
             last_step, last_tokens = ck.get("step", 0), ck.get("tokens", 0)
+            tokens_at[last_step] = last_tokens
         elif kind == "event" and ev == "restart":
             if rec.get("model_root") != (genesis.get("init") or {}).get("merkle_root"):
                 v.findings.append(f"{where}: restart from weights that are not the genesis initial weights")

@@ -104,14 +104,15 @@ class Engine(ABC):
 
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
-        """{"model": full state by kmoe name, "optimizer": {"state": {name: {k: tensor}}, "param_groups": [...]}}.
-
-        Collective: every rank calls it; only rank 0 is guaranteed to get the values.
-        """
+        """{"model": {kmoe name: tensor}, "optimizer": {"state": {name: {slot: tensor}}, "param_groups": [...]}}
+        as this rank holds it: DTensors (Shard/Replicate placements, global shapes, kmoe names) for sharded
+        layouts, plain tensors where every rank holds the whole tensor. Never gathers; tensors may be views
+        of the live state, so loading into them (DCP) fills the model. Collective on some layouts."""
 
     @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Load a full (unsharded) state as `state_dict` returns it, whatever the layout was."""
+    def load_state_dict(self, state: dict[str, Any], full: bool = False) -> None:
+        """Load a state shaped as `state_dict` returns it (`full`: whole tensors on every rank, as format-1
+        checkpoints hold them, whatever layout saved them)."""
 
     @abstractmethod
     def param_digests(self) -> dict[str, str]:

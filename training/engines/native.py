@@ -125,13 +125,14 @@ class NativeEngine(Engine):
         return LossStats(float(ce_sum), float(tokens), 0.0)
 
     def state_dict(self) -> dict[str, Any]:
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        model = get_model_state_dict(self.wrapped, options=opts)
-        optimizer = get_optimizer_state_dict(self.wrapped, self.optimizer, options=opts)
+        # FSDP2: DTensors holding this rank's shards (views of the live parameters); nothing is gathered.
+        # A fresh optimizer gets its state created (a zero-lr step), so a load has tensors to fill.
+        model = get_model_state_dict(self.wrapped)
+        optimizer = get_optimizer_state_dict(self.wrapped, self.optimizer)
         return {"model": model, "optimizer": optimizer}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        opts = StateDictOptions(full_state_dict=True)
+    def load_state_dict(self, state: dict[str, Any], full: bool = False) -> None:
+        opts = StateDictOptions(full_state_dict=full)
         set_model_state_dict(self.wrapped, state["model"], options=opts)
         set_optimizer_state_dict(self.wrapped, self.optimizer, state["optimizer"], options=opts)
         for m in self.model.moe_layers():
