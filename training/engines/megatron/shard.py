@@ -1,0 +1,81 @@
+"""Where this rank's megatron tensors sit in the whole model: names, pipeline/expert offsets, TP slices.
+
+A rank's GPTModel names its layers from 0 within its pipeline stage and its experts from 0 within its
+expert-parallel group; `RankPlace` turns those into the global names of `convert.py` (layer + stage offset,
+expert + `ep_rank * E/EP`). Tensor parallelism splits one dimension in `tp` equal, contiguous pieces; the
+fused gate|up `linear_fc1` is split per half, so a rank holds [gate_r; up_r].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .convert import ConversionError, canonical_name, globalize
+
+
+@dataclass(frozen=True)
+class RankPlace:
+    tp_rank: int
+    tp: int
+    layer_offset: int
+    expert_offset: int
+
+    @classmethod
+    def current(cls, config) -> RankPlace:
+        """This process's place, from megatron's parallel state and the model's TransformerConfig."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+        ep_rank = ps.get_expert_model_parallel_rank()
+        local = config.num_moe_experts // ps.get_expert_model_parallel_world_size()
+        return cls(
+            tp_rank=ps.get_tensor_model_parallel_rank(),
+            tp=ps.get_tensor_model_parallel_world_size(),
+            layer_offset=get_transformer_layer_offset(config),
+            expert_offset=ep_rank * local,
+        )
+
+    def global_name(self, local_name: str) -> str | None:
+        name = canonical_name(local_name)
+        return None if name is None else globalize(name, self.layer_offset, self.expert_offset)
+
+
+def tp_split_dim(name: str, full: tuple[int, ...], local: tuple[int, ...], tp: int) -> int | None:
+    """The dimension TP splits for this tensor (None: replicated); errors if the shapes do not fit."""
+    if full == local:
+        return None
+    diff = [d for d, (a, b) in enumerate(zip(full, local, strict=True)) if a != b]
+    if len(full) != len(local) or len(diff) != 1 or full[diff[0]] != local[diff[0]] * tp:
+        raise ConversionError(f"'{name}': local shape {list(local)} is not a 1/{tp} slice of {list(full)}")
+    return diff[0]
+
+
+def _is_glu_fc1(name: str) -> bool:
+    return name.endswith("linear_fc1.weight")  # every MLP here is SwiGLU
+
+
+def take_slice(name: str, full: torch.Tensor, local_shape, place: RankPlace) -> torch.Tensor:
+    """This rank's piece of the full tensor `name`."""
+    dim = tp_split_dim(name, tuple(full.shape), tuple(local_shape), place.tp)
+    if dim is None:
+        return full
+    if _is_glu_fc1(name) and dim == 0:
+        return torch.cat([h.chunk(place.tp, 0)[place.tp_rank] for h in full.chunk(2, 0)], 0)
+    return full.chunk(place.tp, dim)[place.tp_rank]
+
+
+def local_state_from_full(
+    model: torch.nn.Module, full: dict[str, torch.Tensor], place: RankPlace
+) -> dict[str, torch.Tensor]:
+    """The state_dict this rank's model loads, cut from a full (one-rank, global-named) megatron state."""
+    out = {}
+    for local_name, ref in model.state_dict().items():
+        name = place.global_name(local_name)
+        if name is None:
+            continue
+        if name not in full:
+            raise ConversionError(f"full state lacks '{name}' (this rank's '{local_name}')")
+        out[local_name] = take_slice(name, full[name], ref.shape, place).to(ref.dtype).clone()
+    return out
