@@ -180,8 +180,26 @@ def _convert(state: dict[str, torch.Tensor], entries, src: int, fn: int, side: s
     return out  # fmt: skip
 
 
+def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Shape of every kmoe tensor of `cfg` (built on the meta device: no memory)."""
+    from model.transformer import MoETransformer
+
+    with torch.device("meta"):
+        return {k: tuple(v.shape) for k, v in MoETransformer(cfg).state_dict().items()}
+
+
+def check_shapes(cfg: ModelConfig, state: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor of `state` that the model has must have the model's shape (names the first that differs)."""
+    for name, shape in expected_shapes(cfg).items():
+        if name in state and tuple(state[name].shape) != shape:
+            raise ConversionError(
+                f"{where} tensor '{name}' has shape {list(state[name].shape)}, the model needs {list(shape)}"
+            )
+
+
 def to_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """kmoe state -> a one-rank megatron GPTModel state (global layer and expert numbers)."""
+    check_shapes(cfg, state, "kmoe")
     if cfg.router_score != "sigmoid":
         bias = [n for n in state if n.endswith("router.expert_bias")]
         if any(state[n].abs().max() > 0 for n in bias):
@@ -206,6 +224,7 @@ def from_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
     if cfg.router_score != "sigmoid":
         for i in range(cfg.first_k_dense, cfg.num_layers):
             out[f"layers.{i}.mlp.router.expert_bias"] = torch.zeros(cfg.num_experts)
+    check_shapes(cfg, out, "converted megatron")
     return out
 
 
