@@ -94,7 +94,7 @@ def test_expert_shards_from_two_ranks_merge_once_and_never_overwrite():
     for ep_rank in range(2):
         local = {}
         for name, t in meg.items():
-            m = convert._EXPERT.match(name)
+            m = convert.EXPERT_NAME.match(name)
             if m and int(m.group(2)) // 2 != ep_rank:
                 continue
             local_name = f"{m.group(1)}{int(m.group(2)) % 2}{m.group(3)}" if m else name
@@ -114,7 +114,7 @@ def test_transformer_engine_names_are_read():
         # TE fuses the input norm into linear_qkv, and a dense layer's pre-MLP norm into linear_fc1
         name = name.replace("input_layernorm.weight", "self_attention.linear_qkv.layer_norm_weight")
         name = name.replace("layers.0.pre_mlp_layernorm.weight", "layers.0.mlp.linear_fc1.layer_norm_weight")
-        m = convert._EXPERT.match(name)
+        m = convert.EXPERT_NAME.match(name)
         if m:
             fc = m.group(3)[len(".linear_fc") : len(".linear_fc") + 1]
             name = name.replace(
@@ -174,3 +174,60 @@ def test_layouts_megatron_cannot_build_are_refused_naming_the_key(layout, key):
 
 def test_dense_first_layers_become_moe_layer_freq():
     assert moe_layer_pattern(CFG) == [0, 1, 1]
+
+
+def _rank_state(full: dict, tp_rank: int, tp: int, ep_rank: int, ep: int, stage: range, last: bool) -> dict:
+    """What one megatron rank holds (local names), cut from a full one-rank state as shard.py cuts it."""
+    local_e, out = CFG.num_experts // ep, {}
+    place = shard.RankPlace(tp_rank, tp, layer_offset=stage.start, expert_offset=ep_rank * local_e)
+    for name, t in full.items():
+        m = convert._LAYER.match(name)
+        if m and int(m.group(1)) not in stage:
+            continue
+        if not m and not (stage.start == 0 if name.startswith("embedding") else last):
+            continue  # the embedding lives on the first stage, the final norm and LM head on the last
+        e = convert.EXPERT_NAME.match(name)
+        if e and int(e.group(2)) // local_e != ep_rank:
+            continue
+        local = name
+        if m:
+            local = f"decoder.layers.{int(m.group(1)) - stage.start}.{m.group(2)}"
+        if e:
+            local = convert.EXPERT_NAME.sub(
+                lambda x: f"{x.group(1)}{int(x.group(2)) % local_e}{x.group(3)}", local
+            )
+        split = {"linear_proj.weight": 1, "linear_fc2.weight": 1}
+        dim = next((d for suffix, d in split.items() if name.endswith(suffix)), 0)
+        shape = list(t.shape)
+        if tp > 1 and t.dim() == 2 and not e and "router" not in name:
+            shape[dim] //= tp
+        out[local] = shard.take_slice(name, t, tuple(shape), place)
+    return out, place
+
+
+@pytest.mark.parametrize("tp, ep, pp", [(2, 1, 1), (1, 2, 1), (1, 1, 3), (2, 2, 1)])
+def test_rank_blocks_cover_every_kmoe_tensor_exactly_once(tp, ep, pp):
+    ours = ours_state()
+    full = convert.to_megatron(CFG, ours)
+    rebuilt = {k: torch.zeros_like(v) for k, v in ours.items()}
+    cover = {k: torch.zeros_like(v, dtype=torch.int32) for k, v in ours.items()}
+    per = CFG.num_layers // pp
+    for s in range(pp):
+        for tp_rank in range(tp):
+            for ep_rank in range(ep):
+                state, place = _rank_state(
+                    full, tp_rank, tp, ep_rank, ep, range(s * per, (s + 1) * per), s == pp - 1
+                )
+                for name, offsets, block in shard.kmoe_blocks(CFG, state, place):
+                    index = tuple(slice(o, o + n) for o, n in zip(offsets, block.shape))
+                    rebuilt[name][index] = block
+                    cover[name][index] += 1
+    for name in ours:  # replicated tensors come once per holder; sharded ones exactly once in total
+        assert torch.equal(rebuilt[name], ours[name]), name
+        assert cover[name].min() >= 1, name
+    # experts: whole on each TP rank (ETP=1), split over EP; attention: split over TP, whole on each EP rank
+    assert cover["layers.1.mlp.experts.gate_proj"].max() == tp
+    assert (
+        cover["layers.1.attn.o_proj.weight"].max() == ep
+        and cover["layers.0.mlp.gate_proj.weight"].max() == ep
+    )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from typing import NamedTuple
 
 import torch
 
@@ -42,7 +43,7 @@ def split_qkv(qkv: torch.Tensor, heads: int, groups: int, head_dim: int):
     """megatron linear_qkv weight -> (q, k, v) weights in kmoe's layout."""
     d = qkv.shape[-1]
     per = heads // groups
-    x = qkv.reshape(groups, per + 2, head_dim, d)
+    x = qkv.reshape(-1, per + 2, head_dim, d)  # -1: all groups, or a TP rank's share of them
     q = x[:, :per].reshape(-1, d)
     return q, x[:, per].reshape(-1, d), x[:, per + 1].reshape(-1, d)
 
@@ -68,7 +69,7 @@ _TE_RENAMES = (
     ),
 )
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
-_EXPERT = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
+EXPERT_NAME = re.compile(r"^(.*\.local_experts\.)(\d+)(\..*)$")
 
 
 def canonical_name(name: str) -> str | None:
@@ -84,48 +85,57 @@ def canonical_name(name: str) -> str | None:
     return f"decoder.layers.{m.group(1)}.{rest}"
 
 
-def _layer_map(cfg: ModelConfig, i: int) -> list[tuple[list[str], list[str], Callable, Callable]]:
-    """(kmoe names, megatron names, kmoe->megatron, megatron->kmoe) for layer i."""
+class Entry(NamedTuple):
+    """kmoe tensors <-> megatron tensors, with the function each way (lists in, lists out)."""
+
+    ours: list[str]
+    meg: list[str]
+    to_meg: Callable[..., list[torch.Tensor]]
+    to_ours: Callable[..., list[torch.Tensor]]
+    per_expert: bool = False  # meg names one tensor per global expert (a rank holds some of them)
+
+
+def _same(*t: torch.Tensor) -> list[torch.Tensor]:
+    return list(t)
+
+
+def _glu(ours_gate: str, ours_up: str, meg_fc1: str) -> Entry:
+    return Entry(
+        [ours_gate, ours_up],
+        [meg_fc1],
+        lambda g, u: [torch.cat([g, u], 0)],
+        lambda fc1: list(fc1.chunk(2, 0)),
+    )
+
+
+def _layer_map(cfg: ModelConfig, i: int) -> list[Entry]:
     ours, meg = f"layers.{i}.", f"decoder.layers.{i}."
-    ident = (lambda *t: list(t), lambda *t: list(t))
     pairs = list(_LAYER_ONE_TO_ONE) + (list(_QK_NORM) if cfg.qk_norm else [])
-    out = [([ours + a], [meg + b], *ident) for a, b in pairs]
+    out = [Entry([ours + a], [meg + b], _same, _same) for a, b in pairs]
     h, g, k = cfg.num_heads, cfg.num_kv_heads, cfg.dim_head
-    out.append((
-        [ours + f"attn.{p}_proj.weight" for p in "qkv"],
-        [meg + "self_attention.linear_qkv.weight"],
-        lambda q, kk, v: [fuse_qkv(q, kk, v, h, g)],
-        lambda qkv: list(split_qkv(qkv, h, g, k)),
+    qkv = [ours + f"attn.{p}_proj.weight" for p in "qkv"]
+    out.append(Entry(
+        qkv, [meg + "self_attention.linear_qkv.weight"],
+        lambda q, kk, v: [fuse_qkv(q, kk, v, h, g)], lambda x: list(split_qkv(x, h, g, k)),
     ))  # fmt: skip
-    glu = (lambda gate, up: [torch.cat([gate, up], 0)], lambda fc1: list(fc1.chunk(2, 0)))
     if not cfg.is_moe_layer(i):
         out.append(
-            (
-                [ours + "mlp.gate_proj.weight", ours + "mlp.up_proj.weight"],
-                [meg + "mlp.linear_fc1.weight"],
-                *glu,
-            )
+            _glu(ours + "mlp.gate_proj.weight", ours + "mlp.up_proj.weight", meg + "mlp.linear_fc1.weight")
         )
-        out.append(([ours + "mlp.down_proj.weight"], [meg + "mlp.linear_fc2.weight"], *ident))
+        out.append(Entry([ours + "mlp.down_proj.weight"], [meg + "mlp.linear_fc2.weight"], _same, _same))
         return out
-    out.append(([ours + "mlp.router.weight"], [meg + "mlp.router.weight"], *ident))
+    out.append(Entry([ours + "mlp.router.weight"], [meg + "mlp.router.weight"], _same, _same))
     if cfg.router_score == "sigmoid":  # megatron keeps an expert bias only for sigmoid routing
-        out.append(([ours + "mlp.router.expert_bias"], [meg + "mlp.router.expert_bias"], *ident))
+        out.append(Entry([ours + "mlp.router.expert_bias"], [meg + "mlp.router.expert_bias"], _same, _same))
     out += _experts_map(cfg, ours, meg)
     if cfg.num_shared_experts:
-        shared = meg + "mlp.shared_experts."
-        out.append(
-            (
-                [ours + "mlp.shared.gate_proj.weight", ours + "mlp.shared.up_proj.weight"],
-                [shared + "linear_fc1.weight"],
-                *glu,
-            )
-        )
-        out.append(([ours + "mlp.shared.down_proj.weight"], [shared + "linear_fc2.weight"], *ident))
-    return out  # fmt: skip
+        o, m = ours + "mlp.shared.", meg + "mlp.shared_experts."
+        out.append(_glu(o + "gate_proj.weight", o + "up_proj.weight", m + "linear_fc1.weight"))
+        out.append(Entry([o + "down_proj.weight"], [m + "linear_fc2.weight"], _same, _same))
+    return out
 
 
-def _experts_map(cfg: ModelConfig, ours: str, meg: str):
+def _experts_map(cfg: ModelConfig, ours: str, meg: str) -> list[Entry]:
     """kmoe's stacked [E, ...] expert tensors <-> one megatron tensor per (global) expert."""
     e = cfg.num_experts
     fc1 = [f"{meg}mlp.experts.local_experts.{x}.linear_fc1.weight" for x in range(e)]
@@ -139,34 +149,40 @@ def _experts_map(cfg: ModelConfig, ours: str, meg: str):
         return [torch.stack([hh[0] for hh in halves]), torch.stack([hh[1] for hh in halves])]
 
     return [
-        ([ours + "mlp.experts.gate_proj", ours + "mlp.experts.up_proj"], fc1, to_fc1, from_fc1),
-        ([ours + "mlp.experts.down_proj"], fc2, lambda d_EDF: list(d_EDF.unbind(0)), lambda *t: [torch.stack(t)]),
-    ]  # fmt: skip
+        Entry([ours + "mlp.experts.gate_proj", ours + "mlp.experts.up_proj"], fc1, to_fc1, from_fc1, True),
+        Entry(
+            [ours + "mlp.experts.down_proj"],
+            fc2,
+            lambda d: list(d.unbind(0)),
+            lambda *t: [torch.stack(t)],
+            True,
+        ),
+    ]
 
 
-def conversion_map(cfg: ModelConfig):
-    """Every (kmoe names, megatron names, forward, backward) entry of the whole model."""
-    ident = (lambda *t: list(t), lambda *t: list(t))
-    out = [(["embed.weight"], ["embedding.word_embeddings.weight"], *ident)]
+def conversion_map(cfg: ModelConfig) -> list[Entry]:
+    """Every entry of the whole model, embeddings to LM head."""
+    out = [Entry(["embed.weight"], ["embedding.word_embeddings.weight"], _same, _same)]
     for i in range(cfg.num_layers):
         out += _layer_map(cfg, i)
-    out.append((["norm.weight"], ["decoder.final_layernorm.weight"], *ident))
+    out.append(Entry(["norm.weight"], ["decoder.final_layernorm.weight"], _same, _same))
     if not cfg.tie_embeddings:
-        out.append((["lm_head.weight"], ["output_layer.weight"], *ident))
+        out.append(Entry(["lm_head.weight"], ["output_layer.weight"], _same, _same))
     return out
 
 
-def _convert(state: dict[str, torch.Tensor], entries, src: int, fn: int, side: str, other: str) -> dict:
+def _convert(state: dict[str, torch.Tensor], entries: list[Entry], to_meg: bool) -> dict[str, torch.Tensor]:
+    side, other = ("kmoe", "megatron") if to_meg else ("megatron", "kmoe")
     out, used = {}, set()
     for entry in entries:
-        names, targets = entry[src], entry[1 - src]
+        names, targets = (entry.ours, entry.meg) if to_meg else (entry.meg, entry.ours)
         missing = [n for n in names if n not in state]
         if missing:
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
             raise ConversionError(
-                f"{side} state lacks '{missing[0]}' (needed for {other} '{targets[0]}'"
-                + (f" and {len(missing) - 1} more)" if len(missing) > 1 else ")")
+                f"{side} state lacks '{missing[0]}' (needed for {other} '{targets[0]}'{more})"
             )
-        values = entry[fn](*(state[n] for n in names))
+        values = (entry.to_meg if to_meg else entry.to_ours)(*(state[n] for n in names))
         for name, value in zip(targets, values, strict=True):
             if name in out:
                 raise ConversionError(f"two {side} tensors map onto {other} '{name}'")
@@ -177,7 +193,7 @@ def _convert(state: dict[str, torch.Tensor], entries, src: int, fn: int, side: s
         raise ConversionError(
             f"{side} tensor '{leftover[0]}' has no place in the {other} model ({len(leftover)} unplaced)"
         )
-    return out  # fmt: skip
+    return out
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -205,7 +221,7 @@ def to_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, t
         if any(state[n].abs().max() > 0 for n in bias):
             raise ConversionError(f"'{bias[0]}' is nonzero but megatron has no bias for softmax routing")
         state = {k: v for k, v in state.items() if k not in bias}
-    return _convert(state, conversion_map(cfg), 0, 2, "kmoe", "megatron")
+    return _convert(state, conversion_map(cfg), to_meg=True)
 
 
 def from_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -220,7 +236,7 @@ def from_megatron(cfg: ModelConfig, state: dict[str, torch.Tensor]) -> dict[str,
         canon[c] = value
     if cfg.tie_embeddings:  # the last pipeline stage's copy of the shared embedding
         canon.pop("output_layer.weight", None)
-    out = _convert(canon, conversion_map(cfg), 1, 3, "megatron", "kmoe")
+    out = _convert(canon, conversion_map(cfg), to_meg=False)
     if cfg.router_score != "sigmoid":
         for i in range(cfg.first_k_dense, cfg.num_layers):
             out[f"layers.{i}.mlp.router.expert_bias"] = torch.zeros(cfg.num_experts)
@@ -233,7 +249,7 @@ def globalize(name: str, layer_offset: int, expert_offset: int) -> str:
     m = _LAYER.match(name)
     if m:
         name = f"decoder.layers.{int(m.group(1)) + layer_offset}.{m.group(2)}"
-    e = _EXPERT.match(name)
+    e = EXPERT_NAME.match(name)
     if e:
         name = f"{e.group(1)}{int(e.group(2)) + expert_offset}{e.group(3)}"
     return name
@@ -249,7 +265,7 @@ def merge_rank_states(parts: Iterable[dict[str, torch.Tensor]]) -> dict[str, tor
         for name, value in part.items():
             if name not in out:
                 out[name] = value
-            elif _EXPERT.match(name):
+            elif EXPERT_NAME.match(name):
                 raise ConversionError(f"expert tensor '{name}' comes from two ranks (one would overwrite it)")
             elif not torch.equal(out[name], value):
                 raise ConversionError(f"replicated tensor '{name}' differs between ranks")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .convert import ConversionError, canonical_name, globalize
+from .convert import EXPERT_NAME, ConversionError, canonical_name, conversion_map, globalize
 
 
 @dataclass(frozen=True)
@@ -79,3 +79,52 @@ def local_state_from_full(
             raise ConversionError(f"full state lacks '{name}' (this rank's '{local_name}')")
         out[local_name] = take_slice(name, full[name], ref.shape, place).to(ref.dtype).clone()
     return out
+
+
+def kmoe_blocks(cfg, state: dict[str, torch.Tensor], place: RankPlace):
+    """This rank's megatron tensors as blocks of kmoe tensors: (kmoe name, offsets, block), no gathering.
+
+    `state` is the rank's own state_dict (local names). A TP shard of a fused tensor stays contiguous in
+    kmoe's layout per piece (whole KV groups of q/k/v; a slice of gate and of up), a row-parallel shard is a
+    column block, and local expert i is the block [expert_offset + i] of kmoe's stacked expert tensors.
+    Layout-independent digests (kmoe.hashing) are computed over exactly these blocks.
+    """
+    from .convert import expected_shapes
+
+    shapes = expected_shapes(cfg)
+    named = {}
+    for local_name, t in state.items():
+        name = place.global_name(local_name)
+        if name is not None and torch.is_tensor(t):
+            named[name] = t
+    if cfg.tie_embeddings:  # the last pipeline stage's copy of the shared embedding
+        named.pop("output_layer.weight", None)
+    seen = set()
+    for entry in conversion_map(cfg):
+        held = [n for n in entry.meg if n in named]
+        if not held:
+            continue  # another pipeline stage's (or expert group's) tensors
+        seen.update(held)
+        if entry.per_expert:
+            for name in held:
+                e = int(EXPERT_NAME.match(name).group(2))
+                for ours, block_1XX in zip(entry.ours, entry.to_ours(named[name]), strict=True):
+                    yield ours, (e,) + (0,) * (block_1XX.dim() - 1), block_1XX
+            continue
+        if len(held) != len(entry.meg):
+            raise ConversionError(f"rank holds '{held[0]}' but not '{sorted(set(entry.meg) - set(held))[0]}'")
+        for ours, block in zip(entry.ours, entry.to_ours(*(named[n] for n in entry.meg)), strict=True):
+            yield ours, _tp_offsets(ours, shapes[ours], tuple(block.shape), place), block
+    unplaced = sorted(set(named) - seen)
+    if unplaced:
+        raise ConversionError(f"megatron tensor '{unplaced[0]}' has no place in the kmoe model")
+
+
+def _tp_offsets(
+    name: str, full: tuple[int, ...], local: tuple[int, ...], place: RankPlace
+) -> tuple[int, ...]:
+    dim = tp_split_dim(name, full, local, place.tp)
+    offsets = [0] * len(full)
+    if dim is not None:
+        offsets[dim] = place.tp_rank * local[dim]
+    return tuple(offsets)
