@@ -61,7 +61,7 @@ def ours_step(engine, tokens: torch.Tensor, lr: float):
     def step():
         mb = MicroBatch(tokens[:, :-1], tokens[:, 1:], torch.ones(tokens.shape[0], tokens.shape[1] - 1),
                         loss_scale=1.0 / n, aux_scale=1.0, last=True)  # fmt: skip
-        engine.forward_backward(mb)
+        engine.train_batch([mb])
         engine.step(lr)
 
     return step

@@ -69,7 +69,7 @@ def _dry_run(args: argparse.Namespace, cfg, world: int) -> int:
 
     from kmoe.cmd_model import cmd_info
     from kmoe.configtree import dump_yaml
-    from training.parallel import layout
+    from training.dims import layout
 
     emit("# resolved config\n" + dump_yaml(cfg))
     cmd_info(argparse.Namespace(config=args.config, set=args.set, seq_len=cfg.data.seq_len, json=False))

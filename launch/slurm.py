@@ -49,7 +49,7 @@ class LaunchPlan:
         return self.run_dir / SCRIPT
 
     def layout(self) -> dict[str, Any]:
-        from training.parallel import layout
+        from training.dims import layout
 
         la = self.cfg.launch
         return {"nodes": la.nodes, "ranks_per_node": la.ranks_per_node, "gpus_per_node": la.gpus_per_node,
@@ -67,10 +67,7 @@ def plan(config: str, overrides: list[str] | None = None, run_dir: str | None = 
     la = cfg.launch
     where = f"{la.nodes} node(s) x {la.ranks_per_node} rank(s) = {la.world_size} ranks"
     try:
-        validate(cfg, world_size=la.world_size)
-        from training.parallel import strategy_of
-
-        strategy_of(cfg, la.world_size)
+        validate(cfg, world_size=la.world_size)  # the engine's layout on this many ranks included
     except ValueError as e:
         raise ConfigError(f"{config}: {e} (launch: {where})") from None
     run = Path(run_dir) if run_dir else Path("runs") / cfg.name

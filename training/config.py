@@ -12,6 +12,8 @@ from kmoe.configtree import ConfigError
 from kmoe.hashing import sha256_json
 from model.config import ModelConfig, validate_model
 
+from .dims import PARALLEL_KEYS, native_strategy, parallel_sizes
+
 
 @dataclass
 class DataConfig:
@@ -51,8 +53,9 @@ class TrainConfig:
 class ParallelConfig:
     strategy: Literal["auto", "single", "ddp", "fsdp"] = "auto"  # auto: single for 1 rank, else ddp
     tensor_parallel: int = 1
-    expert_parallel: int = 1
+    expert_parallel: int = 1  # ranks of an expert group (borrowed from data parallelism; divides it)
     pipeline_parallel: int = 1
+    context_parallel: int = 1
 
 
 @dataclass
@@ -178,7 +181,7 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     for lang, w in cfg.data.blend.items():
         if w < 0:
             raise ConfigError(f"data.blend.{lang}: weight must be >= 0, got {w}")
-    for key in ("tensor_parallel", "expert_parallel", "pipeline_parallel"):
+    for key in PARALLEL_KEYS:
         if getattr(p, key) < 1:
             raise ConfigError(f"parallel.{key}: must be >= 1, got {getattr(p, key)}")
     if m.num_experts % p.expert_parallel:
@@ -195,13 +198,11 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
         raise ConfigError(
             f"parallel.pipeline_parallel: {p.pipeline_parallel} does not divide model.num_layers {m.num_layers}"
         )
-    if cfg.engine.name == "native" and (p.tensor_parallel > 1 or p.pipeline_parallel > 1):
-        raise ConfigError("parallel.tensor_parallel/pipeline_parallel: the native engine does DP/FSDP only")
+    _validate_engine_support(cfg)
     if world_size is not None:
-        model_par = p.tensor_parallel * p.pipeline_parallel
-        if world_size % model_par:
-            raise ConfigError(f"parallel: world size {world_size} is not divisible by TP x PP = {model_par}")
-        dp = world_size // model_par
+        dp = parallel_sizes(cfg, world_size).dp
+        if cfg.engine.name == "native":
+            native_strategy(cfg, world_size)
         if t.global_batch_size % (t.micro_batch_size * dp):
             raise ConfigError(
                 f"train.global_batch_size: {t.global_batch_size} is not divisible by micro_batch_size x "
@@ -212,6 +213,26 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
     if cfg.log.every <= 0:
         raise ConfigError(f"log.every: must be positive, got {cfg.log.every}")
     _validate_launch(cfg)
+
+
+# What each engine implements beyond data parallelism (its `parallel.*` keys above 1, its strategies); any
+# other setting is refused naming the key rather than silently ignored.
+ENGINE_PARALLEL: dict[str, set[str]] = {
+    "native": set(),
+}
+
+
+def _validate_engine_support(cfg: RunConfig) -> None:
+    p, name = cfg.parallel, cfg.engine.name
+    implemented = ENGINE_PARALLEL.get(name)
+    if implemented is None:
+        return  # an engine outside this table checks its own layout when it is built
+    for key in PARALLEL_KEYS:
+        if getattr(p, key) > 1 and key not in implemented:
+            have = ", ".join(sorted(implemented)) or "data parallelism only"
+            raise ConfigError(
+                f"parallel.{key}: {getattr(p, key)} is not implemented by the {name} engine ({have})"
+            )
 
 
 def slurm_time_seconds(text: str) -> int:

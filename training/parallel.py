@@ -19,6 +19,7 @@ from model import MoETransformer
 from model.init import init_value
 
 from .config import RunConfig
+from .dims import native_strategy
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +56,9 @@ def init_distributed() -> DistInfo:
     return DistInfo(rank, world, local, device)
 
 
-def strategy_of(cfg: RunConfig, world: int) -> str:
-    s = cfg.parallel.strategy
-    if s == "auto":
-        return "single" if world == 1 else "ddp"
-    if s == "single" and world > 1:
-        raise ValueError(f"parallel.strategy: 'single' with {world} ranks; use ddp or fsdp")
-    return s
-
-
-def layout(cfg: RunConfig, world: int) -> dict:
-    """The parallel layout as a user reads it (dry run, ledger)."""
-    strategy = strategy_of(cfg, world)
-    t = cfg.train
-    micro_per_rank = t.global_batch_size // (t.micro_batch_size * world)
-    return {
-        "engine": cfg.engine.name,
-        "strategy": strategy,
-        "world_size": world,
-        "data_parallel": world,
-        "micro_batch_size": t.micro_batch_size,
-        "grad_accumulation": micro_per_rank,
-        "global_batch_size": t.global_batch_size,
-        "tokens_per_step": t.global_batch_size * cfg.data.seq_len,
-        "precision": t.precision,
-        "activation_checkpointing": t.activation_checkpointing,
-        "compile": t.compile,
-    }
-
-
 def build_model(cfg: RunConfig, info: DistInfo, seed: int) -> tuple[nn.Module, MoETransformer]:
     """(the module to call for training, the inner MoETransformer) for the configured strategy."""
-    strategy = strategy_of(cfg, info.world)
+    strategy = native_strategy(cfg, info.world)
     if strategy == "fsdp":
         return _build_fsdp(cfg, info, seed)
     model = MoETransformer(cfg.model)

@@ -26,10 +26,10 @@ from . import checkpoint as ckpt
 from . import evaluation, stability
 from .config import RunConfig, config_dict, config_hash
 from .data import GlobalBatch, TrainData, lang_counts, rank_slice
-from .engines import Engine, MicroBatch, build_engine
+from .engines import Engine, LossStats, MicroBatch, ParallelDims, build_engine
 from .hooks import LedgerHook, NullLedger
 from .metrics import MetricsLogger
-from .parallel import DistInfo, barrier, layout
+from .parallel import DistInfo, barrier
 from .schedule import lr_at
 from .signals import REQUEUE_EXIT_CODE, REQUEUE_MARKER, StopRequest
 
@@ -54,6 +54,29 @@ class StepOutcome:
     grad_norm: float
     skip_reason: str | None
     load_LE: torch.Tensor | None
+
+
+def micro_batches(batch: GlobalBatch, dims: ParallelDims, micro_batch_size: int) -> list[MicroBatch]:
+    """This data-parallel rank's slice of `batch` in micro-batches; the loss is scaled so that the gradients,
+    averaged over the data-parallel ranks, are those of the global batch's mean token loss."""
+    sl = rank_slice(batch, dims.dp_rank, dims.dp_size)
+    tokens, labels, mask = batch.tokens_GS[sl], batch.labels_GS[sl], batch.loss_mask_GS[sl]
+    total, mb = float(batch.loss_mask_GS.sum()), micro_batch_size
+    n = tokens.shape[0] // mb
+    return [
+        MicroBatch(tokens[i * mb:(i + 1) * mb], labels[i * mb:(i + 1) * mb], mask[i * mb:(i + 1) * mb],
+                   loss_scale=dims.dp_size / max(total, 1.0), aux_scale=1.0 / n, last=i == n - 1)
+        for i in range(n)
+    ]  # fmt: skip
+
+
+def global_loss(engine: Engine, stats: LossStats) -> tuple[float, float]:
+    """(summed token loss, summed aux loss) of the global batch on every rank: one all-reduce over the world
+    where only the ranks holding the loss contribute theirs (rank 0, the ledger's writer, may sit on the
+    first pipeline stage), and each rank its aux loss as the engine counts it."""
+    loss_sum = stats.loss_sum if engine.dims.holds_loss else 0.0
+    loss_sum, aux = engine.all_reduce([loss_sum, stats.aux_loss], group="world")
+    return loss_sum, aux
 
 
 class Trainer:
@@ -91,9 +114,7 @@ class Trainer:
         self.ledger.genesis(config=config_dict(cfg), seed=cfg.train.seed, init_state=self.engine.param_digests(),
                             data_manifest_root=data["root_hash"], tokenizer_hash=data["tokenizer"],
                             world_size=self.info.world, trainer=TRAINER)  # fmt: skip
-        self.metrics.event(
-            "start", config_hash=config_hash(cfg), layout=layout(cfg, self.info.world), data=data
-        )
+        self.metrics.event("start", config_hash=config_hash(cfg), layout=self.engine.layout(), data=data)
 
     def build(self, write_metrics: bool = True) -> None:
         """Data, engine (model initialised from the seed, optimizer) and the metrics logger; writes no file
@@ -186,7 +207,7 @@ class Trainer:
 
     def _stop_agreed(self) -> bool:
         flag = 1.0 if self.stop.requested else 0.0
-        return self.engine.all_reduce([flag], op="max")[0] > 0
+        return self.engine.all_reduce([flag], op="max", group="world")[0] > 0  # every rank stops together
 
     def _stop_for_requeue(self) -> int:
         name = signal.Signals(self.stop.signum).name if self.stop.signum else "peer rank"
@@ -243,7 +264,7 @@ class Trainer:
     def _after_step(self) -> None:
         t, s = self.cfg.train, self.state.step
         if t.eval_every > 0 and (s % t.eval_every == 0 or s == t.steps):
-            results = evaluation.evaluate(self.engine, self.data, self.info.rank, self.info.world)
+            results = evaluation.evaluate(self.engine, self.data)
             if results:
                 log.info("eval step %d: %s", s, evaluation.summary(results))
                 self.metrics.event("eval", step=s, results=results)
@@ -252,27 +273,12 @@ class Trainer:
         if every > 0 and s % every == 0:
             self._checkpoint(reason="interval")
 
-    def _micro_batches(self, batch: GlobalBatch) -> list[MicroBatch]:
-        sl = rank_slice(batch, self.info.rank, self.info.world)
-        tokens, labels, mask = batch.tokens_GS[sl], batch.labels_GS[sl], batch.loss_mask_GS[sl]
-        total = float(batch.loss_mask_GS.sum())
-        mb = self.cfg.train.micro_batch_size
-        n = tokens.shape[0] // mb
-        return [
-            MicroBatch(tokens[i * mb:(i + 1) * mb], labels[i * mb:(i + 1) * mb], mask[i * mb:(i + 1) * mb],
-                       loss_scale=self.info.world / max(total, 1.0), aux_scale=1.0 / n, last=i == n - 1)
-            for i in range(n)
-        ]  # fmt: skip
-
     def _train_step(self, batch: GlobalBatch) -> StepOutcome | None:
         t = self.cfg.train
-        micros = self._micro_batches(batch)
-        stats = [self.engine.forward_backward(m) for m in micros]
-        loss_sum, aux_sum = self.engine.all_reduce(
-            [sum(s.loss_sum for s in stats), sum(s.aux_loss for s in stats)]
-        )
+        micros = micro_batches(batch, self.engine.dims, t.micro_batch_size)
+        loss_sum, aux_sum = global_loss(self.engine, self.engine.train_batch(micros))
         loss = loss_sum / max(float(batch.loss_mask_GS.sum()), 1.0)
-        aux = aux_sum / (len(micros) * self.info.world)
+        aux = aux_sum / (len(micros) * self.engine.dims.dp_size)
         lr = lr_at(self.state.step, t.schedule, t.steps, t.warmup_steps, t.lr, t.min_lr, t.decay_fraction)
         reason = None
         if not stability.is_finite(loss):
@@ -330,7 +336,7 @@ class Trainer:
                 "host_rng": {f"rank{r}": g[1] for r, g in enumerate(gathered)},
                 "config_hash": config_hash(self.cfg),
                 "world_size": self.info.world,
-                "layout": layout(self.cfg, self.info.world),
+                "layout": self.engine.layout(),
                 "reason": reason,
                 "time": time.time(),
             }

@@ -1,8 +1,9 @@
 """Training engines: one interface (base.py), the native PyTorch engine (native.py)."""
 
+from ..dims import ParallelDims
 from .base import Engine, LossStats, MicroBatch, StepResult
 
-__all__ = ["Engine", "LossStats", "MicroBatch", "StepResult", "build_engine"]
+__all__ = ["Engine", "LossStats", "MicroBatch", "ParallelDims", "StepResult", "build_engine"]
 
 
 def build_engine(cfg, dist) -> Engine:

@@ -21,9 +21,10 @@ from torch.distributed.checkpoint.state_dict import (
 from kmoe.hashing import state_digests
 
 from .. import optim
-from ..config import RunConfig
-from ..parallel import DistInfo, build_model, strategy_of
-from .base import Engine, LossStats, MicroBatch, StepResult
+from ..config import RunConfig, validate
+from ..dims import ParallelDims, data_parallel_dims, native_strategy
+from ..parallel import DistInfo, build_model
+from .base import Engine, Group, LossStats, MicroBatch, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,15 @@ log = logging.getLogger(__name__)
 class NativeEngine(Engine):
     def __init__(self, cfg: RunConfig, info: DistInfo):
         self.cfg, self.info = cfg, info
-        self.strategy = strategy_of(cfg, info.world)
+        validate(cfg, world_size=info.world)  # a layout this engine lacks is refused here, naming the key
+        self.strategy = native_strategy(cfg, info.world)
         if cfg.train.precision == "bf16" and info.device.type != "cuda":
             raise ValueError("train.precision: bf16 needs a GPU; CPU runs train in fp32")
+        self._dims = data_parallel_dims(info.rank, info.world, ep=cfg.parallel.expert_parallel)
+
+    @property
+    def dims(self) -> ParallelDims:
+        return self._dims
 
     def build(self, seed: int) -> None:
         self.wrapped, self.model = build_model(self.cfg, self.info, seed)
@@ -61,7 +68,13 @@ class NativeEngine(Engine):
         ce_T = F.cross_entropy(out.logits.float().flatten(0, 1), labels_BS.flatten(), reduction="none")
         return (ce_T * mask_BS.flatten()).sum(), mask_BS.sum(), out.aux_loss
 
-    def forward_backward(self, micro: MicroBatch) -> LossStats:
+    def train_batch(self, micro_batches: list[MicroBatch]) -> LossStats:
+        total = LossStats(0.0, 0.0, 0.0)
+        for micro in micro_batches:
+            total = total + self._forward_backward(micro)
+        return total
+
+    def _forward_backward(self, micro: MicroBatch) -> LossStats:
         with self._sync(micro.last):
             ce_sum, tokens, aux = self._loss_sum(micro.tokens_BS, micro.labels_BS, micro.loss_mask_BS)
             loss = ce_sum * micro.loss_scale
@@ -116,9 +129,10 @@ class NativeEngine(Engine):
         opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
         return state_digests(get_model_state_dict(self.wrapped, options=opts))
 
-    def all_reduce(self, values: list[float], op: str = "sum") -> list[float]:
+    def all_reduce(self, values: list[float], op: str = "sum", group: Group = "world") -> list[float]:
         if not self.info.initialized:
             return list(values)
         t = torch.tensor(values, dtype=torch.float64, device=self.info.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+        pg = self.dims.dp_group if group == "dp" else None  # every native rank is a data-parallel rank
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=pg)
         return t.tolist()
