@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import logging
 import sys
 import types
 
@@ -201,42 +202,13 @@ def install() -> None:
             mod.maybe_move_tensor_to_cpu = _maybe_move_tensor_to_cpu
     torch.Tensor.type = _tensor_type
     torch.Tensor.cuda = _tensor_cuda
+    # megatron warns when the CPU RNG moves inside its "CUDA" RNG fork; here both are the CPU generator.
+    logging.getLogger(mrandom.__name__).setLevel(logging.ERROR)
     setattr(mcore, MARKER, PINNED_VERSION)
 
 
-def _rank_main(rank: int, fn, world: int, store: str, out_dir: str, args: tuple) -> None:
-    import os
+def run_ranks(fn, world: int, *args) -> list:
+    """`fn(*args)` on `world` fresh gloo ranks with the redirect installed (tests/multirank.py)."""
+    from multirank import run_distributed_test
 
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    install()
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        result = fn(rank, world, *args)
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        from megatron.core import parallel_state as ps
-
-        ps.destroy_model_parallel()
-        dist.destroy_process_group()
-
-
-def run_ranks(fn, world: int, *args, tmp_dir) -> list:
-    """Run `fn(rank, world, *args)` in `world` fresh gloo processes with the redirect installed.
-
-    `fn` must be importable (a module-level function). Returns each rank's return value, in rank order.
-    A file store under `tmp_dir` is the rendezvous, so concurrent test sessions never share a port.
-    """
-    import os
-
-    import torch.multiprocessing as mp
-
-    out_dir = os.path.join(str(tmp_dir), "rank_results")
-    os.makedirs(out_dir, exist_ok=True)
-    store = os.path.join(str(tmp_dir), "store")
-    if os.path.exists(store):
-        os.remove(store)
-    mp.start_processes(_rank_main, args=(fn, world, store, out_dir, args), nprocs=world, start_method="spawn")
-    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world)]
+    return run_distributed_test(fn, world, args=args, setup=install)

@@ -219,11 +219,16 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 # other setting is refused naming the key rather than silently ignored.
 ENGINE_PARALLEL: dict[str, set[str]] = {
     "native": set(),
+    "megatron": {"expert_parallel", "tensor_parallel", "pipeline_parallel"},
 }
 
 
 def _validate_engine_support(cfg: RunConfig) -> None:
     p, name = cfg.parallel, cfg.engine.name
+    if name == "megatron":  # what megatron cannot compute as kmoe does, or the engine does not run yet
+        from .engines.megatron.spec import check_run
+
+        check_run(cfg)
     implemented = ENGINE_PARALLEL.get(name)
     if implemented is None:
         return  # an engine outside this table checks its own layout when it is built

@@ -125,10 +125,12 @@ def results(case: EngineCase, shards: str, tmp_root: Path) -> list[dict]:
     """Per-rank results of `contract_run` for `case` (computed once per session)."""
     if case.id not in _RESULTS:
         run_dir = str(tmp_root / case.id)
-        if case.world == 1:
+        if case.world == 1 and case.setup is None:
             _RESULTS[case.id] = [contract_run(case, shards, run_dir)]
         else:
-            _RESULTS[case.id] = run_distributed_test(contract_run, case.world, args=(case, shards, run_dir))
+            _RESULTS[case.id] = run_distributed_test(
+                contract_run, case.world, args=(case, shards, run_dir), setup=case.setup
+            )
     return _RESULTS[case.id]
 
 
@@ -137,7 +139,8 @@ def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("contract")
 
 
-@pytest.fixture(params=CASES, ids=[c.id for c in CASES])
+@pytest.fixture(params=[pytest.param(c, marks=[pytest.mark.full] if c.full else []) for c in CASES],
+                ids=[c.id for c in CASES])  # fmt: skip
 def case(request) -> EngineCase:
     return request.param
 

@@ -21,16 +21,13 @@ CFG = dict(
 B, S = 2, 16
 
 
-def _forward(rank: int, world: int, tp: int, pp: int, ep: int):
-    from megatron.core import parallel_state as ps
+def _forward(tp: int, pp: int, ep: int):
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from training.engines.megatron import convert, shard, spec
+    from training.engines.megatron import convert, runtime, shard, spec
 
-    ps.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep, expert_tensor_parallel_size=1)
-    model_parallel_cuda_manual_seed(7)
+    runtime.init_parallel(spec.Layout(tp=tp, pp=pp, ep=ep), seed=7)
     cfg = ModelConfig(**CFG)
     ours = MoETransformer(cfg)
     init_weights(ours, cfg, seed=11)
@@ -67,7 +64,7 @@ def _forward(rank: int, world: int, tp: int, pp: int, ep: int):
 @pytest.mark.full
 @pytest.mark.distributed
 @pytest.mark.parametrize("tp, pp, ep", [(2, 1, 1), (1, 1, 2), (1, 2, 1)], ids=["tp2_sp", "ep2", "pp2"])
-def test_two_rank_layouts_give_kmoe_logits(tmp_path, tp, pp, ep):
-    diffs = run_ranks(_forward, 2, tp, pp, ep, tmp_dir=tmp_path)
+def test_two_rank_layouts_give_kmoe_logits(tp, pp, ep):
+    diffs = run_ranks(_forward, 2, tp, pp, ep)
     last = [d for d in diffs if d is not None]
     assert last and max(last) <= 1e-4, diffs

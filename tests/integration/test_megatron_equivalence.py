@@ -33,14 +33,9 @@ def _ours(cfg: ModelConfig, seed: int) -> MoETransformer:
 
 
 def _megatron(cfg: ModelConfig):
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+    from training.engines.megatron import runtime, spec
 
-    from training.engines.megatron import spec
-
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel()
-        model_parallel_cuda_manual_seed(7)
+    runtime.init_parallel(spec.Layout(), seed=7)
     tcfg = spec.transformer_config(cfg, spec.Layout(), use_te=False)
     return tcfg, spec.build_gpt_model(cfg, tcfg, use_te=False)
 
@@ -61,7 +56,7 @@ def _randomize(meg) -> None:
             b.copy_(0.05 * torch.randn(b.shape, generator=gen))
 
 
-def _equivalence(rank: int, world: int) -> dict:
+def _equivalence() -> dict:
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -105,8 +100,8 @@ def _equivalence(rank: int, world: int) -> dict:
 
 
 @pytest.mark.distributed
-def test_same_weights_same_logits_both_directions_and_bias_rate_from_config(tmp_path):
-    (res,) = run_ranks(_equivalence, 1, tmp_dir=tmp_path)
+def test_same_weights_same_logits_both_directions_and_bias_rate_from_config():
+    (res,) = run_ranks(_equivalence, 1)
     assert res["to_megatron"] <= TOL, res
     assert res["from_megatron"] <= TOL, res
     assert res["rate"] == RATE

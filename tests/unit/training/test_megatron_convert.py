@@ -179,7 +179,8 @@ def test_dense_first_layers_become_moe_layer_freq():
 def _rank_state(full: dict, tp_rank: int, tp: int, ep_rank: int, ep: int, stage: range, last: bool) -> dict:
     """What one megatron rank holds (local names), cut from a full one-rank state as shard.py cuts it."""
     local_e, out = CFG.num_experts // ep, {}
-    place = shard.RankPlace(tp_rank, tp, layer_offset=stage.start, expert_offset=ep_rank * local_e)
+    etp = 1 if ep > 1 else tp  # spec.Layout.etp: experts are TP-split only without expert parallelism
+    place = shard.RankPlace(tp_rank, tp, stage.start, ep_rank * local_e, etp_rank=tp_rank % etp, etp=etp)
     for name, t in full.items():
         m = convert._LAYER.match(name)
         if m and int(m.group(1)) not in stage:
@@ -199,8 +200,9 @@ def _rank_state(full: dict, tp_rank: int, tp: int, ep_rank: int, ep: int, stage:
         split = {"linear_proj.weight": 1, "linear_fc2.weight": 1}
         dim = next((d for suffix, d in split.items() if name.endswith(suffix)), 0)
         shape = list(t.shape)
-        if tp > 1 and t.dim() == 2 and not e and "router" not in name:
-            shape[dim] //= tp
+        size = etp if e else tp
+        if size > 1 and t.dim() == 2 and "router" not in name:
+            shape[dim] //= size
         out[local] = shard.take_slice(name, t, tuple(shape), place)
     return out, place
 
@@ -225,8 +227,8 @@ def test_rank_blocks_cover_every_kmoe_tensor_exactly_once(tp, ep, pp):
     for name in ours:  # replicated tensors come once per holder; sharded ones exactly once in total
         assert torch.equal(rebuilt[name], ours[name]), name
         assert cover[name].min() >= 1, name
-    # experts: whole on each TP rank (ETP=1), split over EP; attention: split over TP, whole on each EP rank
-    assert cover["layers.1.mlp.experts.gate_proj"].max() == tp
+    # experts: split over EP (whole on each TP rank) or, without EP, over TP; attention: split over TP
+    assert cover["layers.1.mlp.experts.gate_proj"].max() == (tp if ep > 1 else 1)
     assert (
         cover["layers.1.attn.o_proj.weight"].max() == ep
         and cover["layers.0.mlp.gate_proj.weight"].max() == ep

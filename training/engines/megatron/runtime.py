@@ -48,15 +48,24 @@ def init_parallel(layout: spec.Layout, seed: int) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    sizes = (layout.tp, layout.pp, layout.cp, layout.ep)
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        context_parallel_size=layout.cp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=1,
-    )
+        now = (
+            ps.get_tensor_model_parallel_world_size(),
+            ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size(),
+            ps.get_expert_model_parallel_world_size(),
+        )
+        if now != sizes:  # a second engine in this process (replay, tests) with another layout
+            ps.destroy_model_parallel()
+    if not ps.model_parallel_is_initialized():  # engines of one layout share megatron's groups
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            context_parallel_size=layout.cp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.etp,
+        )
     model_parallel_cuda_manual_seed(seed)
 
 
@@ -117,7 +126,9 @@ def build(run_cfg, layout: spec.Layout, seed: int, device: torch.device) -> Buil
     if missing or unexpected:
         raise RuntimeError(f"megatron model init: missing {missing[:3]}, unexpected {unexpected[:3]}")
     ddp_config = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=True
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=True,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     opt_config = OptimizerConfig(
@@ -136,3 +147,86 @@ def build(run_cfg, layout: spec.Layout, seed: int, device: torch.device) -> Buil
     optimizer = get_megatron_optimizer(opt_config, [ddp])
     config.no_sync_func = ddp.no_sync
     return Built(ddp, optimizer, config, place)
+
+
+def ensure_process_group(device: torch.device) -> None:
+    """megatron needs torch.distributed even on one rank: a one-process group when there is none."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def parallel_dims(world: int):
+    """This rank's ParallelDims from megatron's process groups (EP ranks are data-parallel ranks)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from ...dims import ParallelDims
+
+    tp_rank, cp_rank = ps.get_tensor_model_parallel_rank(), ps.get_context_parallel_rank()
+    return ParallelDims(
+        world=world,
+        rank=dist.get_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        dp_size=ps.get_data_parallel_world_size(),
+        dp_group=ps.get_data_parallel_group(),
+        ep=ps.get_expert_model_parallel_world_size(),
+        tp=ps.get_tensor_model_parallel_world_size(),
+        pp=ps.get_pipeline_model_parallel_world_size(),
+        cp=ps.get_context_parallel_world_size(),
+        holds_loss=ps.is_pipeline_last_stage() and tp_rank == 0 and cp_rank == 0,
+    )
+
+
+def enable_recompute(config) -> None:
+    """Activation checkpointing: megatron recomputes each whole layer in the backward pass."""
+    config.recompute_granularity = "full"
+    config.recompute_method = "uniform"
+    config.recompute_num_layers = 1
+
+
+def routers(gpt_model, m: ModelConfig) -> list[tuple[int, Any]]:
+    """(MoE layer index among the model's MoE layers, router) of this pipeline stage, in layer order."""
+    out = []
+    for layer in gpt_model.decoder.layers:
+        router = getattr(layer.mlp, "router", None)
+        if router is not None:
+            out.append((layer.layer_number - 1 - m.first_k_dense, router))  # layer_number: global, 1-based
+    return out
+
+
+def no_load(m: ModelConfig) -> torch.Tensor:
+    return torch.zeros(m.num_moe_layers, m.num_experts, dtype=torch.float64)
+
+
+def global_expert_load(stage_routers, m: ModelConfig, device: torch.device) -> torch.Tensor:
+    """Tokens per expert [L_moe, E] of the whole global batch, on every rank (collective).
+
+    Each router counted the tokens it routed on this rank; they are summed over the tensor (sequence-
+    parallel), context and data-parallel ranks, as megatron's own bias update sums them, and the pipeline
+    stages' layers are put together.
+    """
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    out = no_load(m).to(device)
+    if stage_routers:
+        local = torch.stack([r.local_tokens_per_expert.double() for _, r in stage_routers])
+        dist.all_reduce(local, group=ps.get_tensor_and_data_parallel_group(with_context_parallel=True))
+        out[[i for i, _ in stage_routers]] = local
+    dist.all_reduce(out, group=ps.get_pipeline_model_parallel_group())
+    return out.cpu()
+
+
+def clip(optimizer, max_norm: float, norm: float) -> None:
+    """Scale every gradient shard by max_norm / norm when the global norm exceeds max_norm (as native)."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    if max_norm <= 0:
+        return
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(params, max_norm=max_norm, total_norm=norm)

@@ -3,7 +3,8 @@
 A rank's GPTModel names its layers from 0 within its pipeline stage and its experts from 0 within its
 expert-parallel group; `RankPlace` turns those into the global names of `convert.py` (layer + stage offset,
 expert + `ep_rank * E/EP`). Tensor parallelism splits one dimension in `tp` equal, contiguous pieces; the
-fused gate|up `linear_fc1` is split per half, so a rank holds [gate_r; up_r].
+fused gate|up `linear_fc1` is split per half, so a rank holds [gate_r; up_r]. Experts are split by the
+expert tensor-parallel size `etp` (1 under expert parallelism, else the TP size: spec.Layout.etp).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ class RankPlace:
     tp: int
     layer_offset: int
     expert_offset: int
+    etp_rank: int = 0
+    etp: int = 1
 
     @classmethod
     def current(cls, config) -> RankPlace:
@@ -35,7 +38,13 @@ class RankPlace:
             tp=ps.get_tensor_model_parallel_world_size(),
             layer_offset=get_transformer_layer_offset(config),
             expert_offset=ep_rank * local,
+            etp_rank=ps.get_expert_tensor_parallel_rank(),
+            etp=ps.get_expert_tensor_parallel_world_size(),
         )
+
+    def split_of(self, name: str) -> tuple[int, int]:
+        """(rank, size) of the tensor-parallel split that applies to megatron tensor `name`."""
+        return (self.etp_rank, self.etp) if EXPERT_NAME.match(name) else (self.tp_rank, self.tp)
 
     def global_name(self, local_name: str) -> str | None:
         name = canonical_name(local_name)
@@ -58,12 +67,13 @@ def _is_glu_fc1(name: str) -> bool:
 
 def take_slice(name: str, full: torch.Tensor, local_shape, place: RankPlace) -> torch.Tensor:
     """This rank's piece of the full tensor `name`."""
-    dim = tp_split_dim(name, tuple(full.shape), tuple(local_shape), place.tp)
+    rank, size = place.split_of(name)
+    dim = tp_split_dim(name, tuple(full.shape), tuple(local_shape), size)
     if dim is None:
         return full
     if _is_glu_fc1(name) and dim == 0:
-        return torch.cat([h.chunk(place.tp, 0)[place.tp_rank] for h in full.chunk(2, 0)], 0)
-    return full.chunk(place.tp, dim)[place.tp_rank]
+        return torch.cat([h.chunk(size, 0)[rank] for h in full.chunk(2, 0)], 0)
+    return full.chunk(size, dim)[rank]
 
 
 def local_state_from_full(
@@ -109,22 +119,23 @@ def kmoe_blocks(cfg, state: dict[str, torch.Tensor], place: RankPlace):
             for name in held:
                 e = int(EXPERT_NAME.match(name).group(2))
                 for ours, block_1XX in zip(entry.ours, entry.to_ours(named[name]), strict=True):
-                    yield ours, (e,) + (0,) * (block_1XX.dim() - 1), block_1XX
+                    one = (1, *shapes[ours][1:])  # expert e alone, maybe split by expert TP
+                    offsets = _tp_offsets(ours, one, tuple(block_1XX.shape), place.etp_rank, place.etp)
+                    yield ours, (e, *offsets[1:]), block_1XX
             continue
         if len(held) != len(entry.meg):
             raise ConversionError(f"rank holds '{held[0]}' but not '{sorted(set(entry.meg) - set(held))[0]}'")
         for ours, block in zip(entry.ours, entry.to_ours(*(named[n] for n in entry.meg)), strict=True):
-            yield ours, _tp_offsets(ours, shapes[ours], tuple(block.shape), place), block
+            yield ours, _tp_offsets(ours, shapes[ours], tuple(block.shape), place.tp_rank, place.tp), block
     unplaced = sorted(set(named) - seen)
     if unplaced:
         raise ConversionError(f"megatron tensor '{unplaced[0]}' has no place in the kmoe model")
 
 
-def _tp_offsets(
-    name: str, full: tuple[int, ...], local: tuple[int, ...], place: RankPlace
-) -> tuple[int, ...]:
-    dim = tp_split_dim(name, full, local, place.tp)
+def _tp_offsets(name: str, full: tuple, local: tuple, rank: int, size: int) -> tuple[int, ...]:
+    """Where a TP rank's block starts in the full tensor (zeros when it holds the whole tensor)."""
+    dim = tp_split_dim(name, full, local, size)
     offsets = [0] * len(full)
     if dim is not None:
-        offsets[dim] = place.tp_rank * local[dim]
+        offsets[dim] = rank * local[dim]
     return tuple(offsets)

@@ -37,6 +37,14 @@ class Layout:
     cp: int = 1
 
     @property
+    def etp(self) -> int:
+        """Expert tensor parallel size. With EP > 1 experts stay whole and are split over EP only; with
+        EP = 1 they are TP-split like the dense MLP: megatron 0.16.1 reduces expert gradients over the
+        expert data-parallel group only when EP > 1, so whole experts under TP > 1 and EP = 1 would keep
+        per-rank partial gradients (measured here)."""
+        return 1 if self.ep > 1 else self.tp
+
+    @property
     def sequence_parallel(self) -> bool:
         # megatron requires sequence parallelism for MoE layers under TP; it also saves activation memory.
         return self.tp > 1
@@ -49,6 +57,22 @@ class Layout:
             ep=par.expert_parallel,
             cp=getattr(par, "context_parallel", 1),
         )
+
+
+def check_run(cfg) -> Layout:
+    """Every refusal of the megatron engine for a RunConfig, before any compute; `validate` calls it."""
+    layout = Layout.from_parallel(cfg.parallel)
+    check_expressible(cfg.model, layout)
+    if cfg.parallel.strategy not in ("auto", "ddp"):
+        raise ConfigError(
+            f"parallel.strategy: {cfg.parallel.strategy!r} is the native engine's; megatron always runs its "
+            "DDP with the distributed optimizer (leave it auto)"
+        )
+    if layout.cp > 1:
+        raise ConfigError("parallel.context_parallel: not implemented by the megatron engine yet")
+    if cfg.train.compile:
+        raise ConfigError("train.compile: not implemented by the megatron engine")
+    return layout
 
 
 def check_expressible(m: ModelConfig, layout: Layout, use_te: bool = HAVE_TE) -> None:
@@ -98,6 +122,11 @@ def _check_layout(m: ModelConfig, layout: Layout, use_te: bool) -> None:
                 raise ConfigError(
                     f"parallel.tensor_parallel: {layout.tp} does not divide model.{key} ({getattr(m, key)})"
                 )
+        if layout.etp > 1 and m.expert_intermediate_size % layout.etp:
+            raise ConfigError(
+                f"parallel.tensor_parallel: {layout.tp} does not divide model.expert_intermediate_size "
+                f"({m.expert_intermediate_size}); with expert_parallel 1 experts are tensor-parallel too"
+            )
         shared = m.expert_intermediate_size * m.num_shared_experts
         if shared % layout.tp:
             raise ConfigError(
@@ -150,8 +179,10 @@ def transformer_config(
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=m.init_std,
-        perform_initialization=False,  # weights come from kmoe's seeded init (model/init.py), converted
-        use_cpu_initialization=True,
+        # megatron tags tensor-parallel weights (what its grad norm and checkpoints rely on) only inside its
+        # init functions, so they must run; the values are then replaced by kmoe's seeded init (runtime.py).
+        perform_initialization=True,
+        use_cpu_initialization=False,
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         pipeline_dtype=params_dtype,
@@ -178,7 +209,7 @@ def transformer_config(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=1,  # experts whole on each rank, sharded over EP only
+        expert_tensor_parallel_size=layout.etp,
         context_parallel_size=layout.cp,
         sequence_parallel=layout.sequence_parallel,
         calculate_per_token_loss=True,  # loss = summed token CE / tokens of the global batch, as native
