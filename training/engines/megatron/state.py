@@ -63,8 +63,9 @@ def _local_param_state(built) -> tuple[dict[str, dict[str, torch.Tensor]], float
             main, st = _main_state(opt, param)
             if "step" in st:
                 step = float(st["step"])
-            pieces = {"param": main.detach().float().cpu()}
-            pieces.update({k: st[k].detach().float().cpu() for k in MOMENTS if k in st})
+            # clone: a shard is a view into the whole DDP buffer, and pickling a view sends its whole storage
+            pieces = {"param": main.detach().float().cpu().clone()}
+            pieces.update({k: st[k].detach().float().cpu().clone() for k in MOMENTS if k in st})
             mine[names[param]] = (start, end, tuple(param.shape), pieces)
         group = opt.data_parallel_group
         gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -99,10 +100,8 @@ def _holds(name: str) -> bool:
 
 def _blocks(cfg, built, state: dict[str, torch.Tensor]):
     held = {n: t for n, t in state.items() if _holds(built.place.global_name(n) or n)}
-    return [
-        (name, off, blk.detach().float().cpu())
-        for name, off, blk in kmoe_blocks(cfg.model, held, built.place)
-    ]
+    blocks = kmoe_blocks(cfg.model, held, built.place)
+    return [(name, off, blk.detach().float().cpu().clone()) for name, off, blk in blocks]  # own storage each
 
 
 def _route(blocks, owner: Callable[[str], int], shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
