@@ -48,7 +48,9 @@ def _main_state(opt, param) -> tuple[torch.Tensor, dict]:
     return main, opt.optimizer.state[main]
 
 
-def _local_param_state(built) -> tuple[dict[str, dict[str, torch.Tensor]], float | None]:
+def _local_param_state(
+    built, moments: bool = True
+) -> tuple[dict[str, dict[str, torch.Tensor]], float | None]:
     """{local param name: {"param", "exp_avg", "exp_avg_sq"} as whole local tensors}, and the Adam step.
 
     Each data-parallel group gathers the ranges of its members (dense and expert parameters have different
@@ -65,7 +67,8 @@ def _local_param_state(built) -> tuple[dict[str, dict[str, torch.Tensor]], float
                 step = float(st["step"])
             # clone: a shard is a view into the whole DDP buffer, and pickling a view sends its whole storage
             pieces = {"param": main.detach().float().cpu().clone()}
-            pieces.update({k: st[k].detach().float().cpu().clone() for k in MOMENTS if k in st})
+            if moments:
+                pieces.update({k: st[k].detach().float().cpu().clone() for k in MOMENTS if k in st})
             mine[names[param]] = (start, end, tuple(param.shape), pieces)
         group = opt.data_parallel_group
         gathered: list[Any] = [None] * dist.get_world_size(group)
@@ -134,6 +137,13 @@ def _owner(world: int) -> Callable[[str], int]:
     return lambda name: zlib.crc32(name.encode()) % world
 
 
+def _weights(built, local: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """This rank's weights by local name: the fp32 main copies of the parameters, and the router biases."""
+    weights = {n: d["param"] for n, d in local.items()}
+    weights.update({n: b for n, b in built.model.module.state_dict().items() if n.endswith("expert_bias")})
+    return weights
+
+
 def _param_groups(cfg) -> list[dict]:
     """The native engine's AdamW param groups (training/optim.py), with kmoe parameter names."""
     with torch.device("meta"):
@@ -147,8 +157,7 @@ def full_state(cfg, built) -> dict[str, Any]:
     """{"model": kmoe state, "optimizer": native AdamW format}, complete on rank 0 (collective)."""
     shapes = expected_shapes(cfg.model)
     local, step = _local_param_state(built)
-    weights = {n: d["param"] for n, d in local.items()}
-    weights.update({n: b for n, b in built.model.module.state_dict().items() if n.endswith("expert_bias")})
+    weights = _weights(built, local)
     model = _route(_blocks(cfg, built, weights), lambda _: 0, shapes)
     moments = {}
     for key in MOMENTS if step is not None else ():
@@ -204,9 +213,8 @@ def param_digests(cfg, built) -> dict[str, str]:
     """Per-tensor digests of the weights by kmoe name; each tensor is assembled on one owner rank only."""
     shapes = expected_shapes(cfg.model)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    local, _ = _local_param_state(built)
-    weights = {n: d["param"] for n, d in local.items()}
-    weights.update({n: b for n, b in built.model.module.state_dict().items() if n.endswith("expert_bias")})
+    local, _ = _local_param_state(built, moments=False)
+    weights = _weights(built, local)
     owned = _route(_blocks(cfg, built, weights), _owner(dist.get_world_size()), shapes)
     mine = state_digests({n: (t if n.endswith("expert_bias") else t.to(dtype)) for n, t in owned.items()})
     parts: list[Any] = [None] * dist.get_world_size()
