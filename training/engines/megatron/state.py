@@ -5,23 +5,24 @@ where each piece sits), and the distributed optimizer keeps each local parameter
 moments as a flat range over the data-parallel ranks. `full_state` puts both back together in the format
 the native engine's `state_dict` returns (so checkpoints, export and the audit tools read either engine's
 run, and either engine resumes the other's checkpoint); `load_full_state` cuts a full state back into this
-rank's pieces. Digests are computed per tensor by the rank that owns it, so no rank ever holds the whole
-model (Scale II's layout-independent digest replaces this when it lands).
+rank's pieces. `param_digests` is the layout-independent digest (kmoe-merkle/1): each rank hashes the blocks of
+kmoe tensors it holds and only hashes travel, so the digests of a megatron run at any TP/EP/PP equal the
+native engine's for the same weights.
 """
 
 from __future__ import annotations
 
-import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from kmoe.hashing import state_digests
+from kmoe.hashing import DigestError, TensorMeta, box_pieces
 from model.transformer import MoETransformer
 
 from ... import optim
+from ...digests import digests_of_pieces
 from .convert import ConversionError, expected_shapes, to_megatron
 from .shard import kmoe_blocks, local_state_from_full
 
@@ -107,34 +108,23 @@ def _blocks(cfg, built, state: dict[str, torch.Tensor]):
     return [(name, off, blk.detach().float().cpu().clone()) for name, off, blk in blocks]  # own storage each
 
 
-def _route(blocks, owner: Callable[[str], int], shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """Send each block to the rank that owns its tensor; return the tensors this rank owns, assembled.
-
-    One gather per destination rank, so a rank receives only its own tensors; every element must arrive
-    (coverage is checked and a gap names the tensor).
-    """
+def _assemble_on_rank0(blocks, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Every rank's blocks put together into whole tensors on rank 0 (empty elsewhere); an element that no
+    rank holds is an error naming the tensor."""
     world, rank = dist.get_world_size(), dist.get_rank()
-    mine: dict[str, torch.Tensor] = {}
+    got: list[Any] = [None] * world if rank == 0 else []
+    dist.gather_object(blocks, got if rank == 0 else None, dst=0)
+    full: dict[str, torch.Tensor] = {}
     seen: dict[str, torch.Tensor] = {}
-    for dst in range(world):
-        part = [b for b in blocks if owner(b[0]) == dst]
-        got: list[Any] = [None] * world if rank == dst else []
-        dist.gather_object(part, got if rank == dst else None, dst=dst)
-        if rank != dst:
-            continue
-        for name, off, blk in (b for p in got for b in p):
-            full = mine.setdefault(name, torch.zeros(shapes[name]))
-            cov = seen.setdefault(name, torch.zeros(shapes[name], dtype=torch.bool))
-            index = tuple(slice(o, o + n) for o, n in zip(off, blk.shape, strict=True))
-            full[index], cov[index] = blk, True
+    for name, off, blk in (b for part in got for b in part):
+        t = full.setdefault(name, torch.zeros(shapes[name]))
+        cov = seen.setdefault(name, torch.zeros(shapes[name], dtype=torch.bool))
+        index = tuple(slice(o, o + n) for o, n in zip(off, blk.shape, strict=True))
+        t[index], cov[index] = blk, True
     for name, cov in seen.items():
         if not bool(cov.all()):
             raise ConversionError(f"tensor '{name}': {int((~cov).sum())} elements held by no rank")
-    return mine
-
-
-def _owner(world: int) -> Callable[[str], int]:
-    return lambda name: zlib.crc32(name.encode()) % world
+    return full
 
 
 def _weights(built, local: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -158,14 +148,13 @@ def full_state(cfg, built) -> dict[str, Any]:
     shapes = expected_shapes(cfg.model)
     local, step = _local_param_state(built)
     weights = _weights(built, local)
-    model = _route(_blocks(cfg, built, weights), lambda _: 0, shapes)
+    model = _assemble_on_rank0(_blocks(cfg, built, weights), shapes)
     moments = {}
     for key in MOMENTS if step is not None else ():
-        moments[key] = _route(_blocks(cfg, built, {n: d[key] for n, d in local.items()}), lambda _: 0, shapes)
+        moments[key] = _assemble_on_rank0(_blocks(cfg, built, {n: d[key] for n, d in local.items()}), shapes)
     if dist.get_rank() != 0:
         return {"model": {}, "optimizer": {"state": {}, "param_groups": []}}
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = {n: (t if n.endswith("expert_bias") else t.to(dtype)) for n, t in sorted(model.items())}
+    model = dict(sorted(model.items()))  # fp32 weights (bf16 runs: the fp32 masters), as the native engine
     opt_state = {
         n: {"step": torch.tensor(step), **{k: moments[k][n] for k in MOMENTS}}
         for n in moments.get("exp_avg", {})
@@ -210,13 +199,23 @@ def load_full_state(cfg, built, full: dict[str, Any]) -> None:
 
 
 def param_digests(cfg, built) -> dict[str, str]:
-    """Per-tensor digests of the weights by kmoe name; each tensor is assembled on one owner rank only."""
+    """Layout-independent digests (kmoe.hashing.TENSOR_SCHEME) of the weights by kmoe name, on every rank.
+
+    Each rank hashes the blocks of kmoe tensors it holds (one data-parallel replica does) and sends only
+    hashes; no tensor leaves its rank. fp32 runs hash the model's own tensors; bf16 runs their fp32 masters,
+    which the distributed optimizer keeps as data-parallel ranges (gathered within each DP group).
+    """
+    if cfg.train.precision == "bf16":
+        weights = _weights(built, _local_param_state(built, moments=False)[0])
+    else:
+        weights = {n: t for n, t in built.model.module.state_dict().items() if torch.is_tensor(t)}
     shapes = expected_shapes(cfg.model)
-    dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    local, _ = _local_param_state(built, moments=False)
-    weights = _weights(built, local)
-    owned = _route(_blocks(cfg, built, weights), _owner(dist.get_world_size()), shapes)
-    mine = state_digests({n: (t if n.endswith("expert_bias") else t.to(dtype)) for n, t in owned.items()})
-    parts: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(parts, mine)
-    return dict(sorted((k, v) for p in parts for k, v in p.items()))
+    mine = [
+        (name, box_pieces(TensorMeta("float32", shapes[name]), off, blk.detach().float().cpu()))
+        for name, off, blk in _blocks(cfg, built, weights)
+    ]
+    digests = digests_of_pieces(mine)
+    missing = sorted(set(shapes) - set(digests))
+    if missing:
+        raise DigestError(f"tensor '{missing[0]}' is held by no rank ({len(missing)} missing)")
+    return digests
