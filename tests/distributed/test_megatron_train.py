@@ -1,7 +1,7 @@
 """The tiny model trained by the trainer under megatron-core on 2 gloo ranks (EP=2, TP=2 with sequence
 parallelism, PP=2) takes the single-process native run's steps: losses within 1e-4 relative for 20 steps on
 the same batches (TP: 5e-4, below), and the aux-loss-free router bias moves and lands where the native run's
-does.
+does (bit for bit under EP and PP; under TP up to step 10, then a few entries a couple of updates off).
 
 Why TP gets more room: both engines clip by a global gradient norm summed in fp32, and torch's CPU fp32 norm of
 a 2M-element tensor is off by about 3e-5 relative (measured: the native engine's step-1 norm 5.044475 against
@@ -80,8 +80,12 @@ def test_two_rank_megatron_takes_the_native_steps(shards, native, tmp_path, layo
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
     worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
     assert worst <= TOL[layout], {s: (got[s], ref[s]) for s in ref}
+    rate = 1e-3  # configs/model/tiny.yaml bias_update_rate
     for step in (5, STEPS):
         mine, theirs = router_bias(tmp_path, step), router_bias(native, step)
         assert set(mine) == set(theirs) and all(v.abs().max() > 0 for v in mine.values())
-        diff = max((mine[k] - theirs[k]).abs().max().item() for k in mine)
-        assert diff <= 1e-6, f"step {step}: router bias differs from native by {diff}"
+        diff = torch.cat([(mine[k] - theirs[k]).abs().flatten() for k in sorted(mine)])
+        if layout != "tensor_parallel" or step == 5:
+            assert diff.max() <= 1e-6, f"step {step}: router bias differs from native by {diff.max()}"
+        else:  # the TP drift above flips a few routes late in the run: measured 3 of 24 entries, 2 steps off
+            assert diff.max() <= 4 * rate + 1e-6 and (diff > 1e-6).float().mean() <= 0.25, diff

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -233,3 +235,16 @@ def test_rank_blocks_cover_every_kmoe_tensor_exactly_once(tp, ep, pp):
         cover["layers.1.attn.o_proj.weight"].max() == ep
         and cover["layers.0.mlp.gate_proj.weight"].max() == ep
     )
+
+
+def test_megatron_on_a_cpu_without_the_test_redirect_is_refused_naming_the_engine():
+    from training.config import load_run_config
+    from training.engines import build_engine
+    from training.parallel import DistInfo
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the megatron engine runs")
+    toy = Path(__file__).resolve().parents[3] / "configs/train/toy.yaml"
+    cfg = load_run_config(str(toy), ["engine.name=megatron"])
+    with pytest.raises(ConfigError, match=r"engine\.name: megatron needs CUDA"):
+        build_engine(cfg, DistInfo(0, 1, 0, torch.device("cpu")))

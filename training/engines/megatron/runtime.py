@@ -125,6 +125,13 @@ def build(run_cfg, layout: spec.Layout, seed: int, device: torch.device) -> Buil
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
         raise RuntimeError(f"megatron model init: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for name, param in model.named_parameters():
+        if ".mlp.experts." in name:
+            # megatron marks experts as expert-parallel only when EP > 1; marking them always gives every
+            # layout the same optimizer structure (dense + expert), which dist_checkpointing needs to load an
+            # EP > 1 checkpoint at EP = 1. Their gradients are then reduced over the expert data-parallel group,
+            # which for EP = 1 is the data-parallel group.
+            param.allreduce = False
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=False,
