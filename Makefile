@@ -17,7 +17,7 @@ export WANDB_QUIET ?= true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean llama-cpp demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch
+.PHONY: install check test test-full demo clean llama-cpp demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch demo-megatron
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ test-full: check
 # `make demo` ends by printing that table.
 begin = @$(KMOE) demo begin $@ "$(1)" --dir $(DEMO)
 note = @$(KMOE) demo note $@ --dir $(DEMO) $(if $(1),--figure "$(1)")
-demo: install demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch
+demo: install demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch demo-megatron
 	@$(KMOE) demo summary --dir $(DEMO)
 	@echo "demo finished: outputs under $(DEMO)/"
 
@@ -137,6 +137,23 @@ demo-train: install
 	$(KMOE) train --config configs/train/small.yaml --dry-run | tail -n 11
 	$(KMOE) train $(TRAIN_DEMO) --resume auto
 	$(KMOE) export hf $(DEMO)/runs/tiny/checkpoints/step-00000200 $(DEMO)/hf-tiny --dtype float32 --verify
+	$(note)
+
+# The megatron-core engine (issue 16, docs/megatron.md): 20 steps of the tiny model on the demo data, one rank.
+# megatron-core hard-codes CUDA; on this CPU machine it runs through the tests' redirect (tests/megatron_site,
+# loaded at interpreter start). Its ledger passes the same audit, and its last checkpoint exports to transformers.
+MEGATRON_RUN := $(DEMO)/runs/tiny-megatron
+MEGATRON_CPU := PYTHONPATH=tests/megatron_site
+demo-megatron: install
+	@test -f $(DEMO)/data/manifest.json || { echo "demo-megatron: $(DEMO)/data/manifest.json missing (make demo-data)"; exit 1; }
+	$(call begin,the megatron-core engine: the tiny MoE for 20 steps on one rank; audited; replayed; exported)
+	$(MEGATRON_CPU) $(KMOE) train --config configs/train/tiny.yaml --set data.shards=$(DEMO)/data \
+		--run-dir $(MEGATRON_RUN) --resume auto --set engine.name=megatron --set model.balance_loss_coeff=0 \
+		--set train.steps=20 --set checkpoint.every=10 --set train.eval_every=10
+	$(KMOE) audit verify $(MEGATRON_RUN)
+	$(KMOE) audit init-check $(MEGATRON_RUN)
+	$(MEGATRON_CPU) $(KMOE) audit replay $(MEGATRON_RUN) --from-step -2
+	$(KMOE) export hf $(MEGATRON_RUN)/checkpoints/step-00000020 $(DEMO)/hf-tiny-megatron --dtype float32 --verify
 	$(note)
 
 # Real ko/en/ja text + code fetched from the package registries (cached in .cache/data), cleaned, deduplicated,

@@ -1,4 +1,5 @@
-"""Training-step throughput of kmoe's native engine vs transformers' Glm4MoeForCausalLM, same config and weights.
+"""Training-step throughput of kmoe's native engine vs transformers' Glm4MoeForCausalLM (and, with --megatron,
+kmoe's megatron-core engine), same config and weights.
 
 Prints tokens/s and achieved FLOP/s (model FLOPs per token x tokens/s, model/params.py) as a share of this
 machine's fp32 matmul FLOP/s measured in the same run; both models train one step = forward, backward,
@@ -6,6 +7,11 @@ gradient clip and AdamW on the same token batch, in fp32 on CPU (bf16 autocast o
 here so both run the same precision).
 
     .venv/bin/python bench/train_step.py [--config configs/train/tiny.yaml] [--steps 5] [--batch 8]
+    PYTHONPATH=tests/megatron_site .venv/bin/python bench/train_step.py --megatron   # on a CPU machine
+
+--megatron adds the megatron engine (one rank) at the same shape and prints its tokens/s against the native
+engine's, measured in the same run. megatron-core needs CUDA; on CPU it runs only under the tests' redirect
+(tests/megatron_site), which this script does not load itself.
 """
 
 from __future__ import annotations
@@ -90,6 +96,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, help="sequences per step (default: train.micro_batch_size)")
     ap.add_argument("--steps", type=int, default=7, help="timed steps per model (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--megatron", action="store_true", help="also time the megatron-core engine (one rank)")
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     cfg = load_run_config(args.config, args.set)
@@ -115,6 +122,11 @@ def main() -> int:
         "kmoe native": ours_step(engine, tokens, cfg.train.lr),
         "transformers Glm4Moe": hf_step(hf, tokens, cfg),
     }
+    if args.megatron:
+        mcfg = load_run_config(args.config, [*args.set, "engine.name=megatron"])
+        megatron = build_engine(mcfg, DistInfo(0, 1, 0, torch.device("cpu")))
+        megatron.build(cfg.train.seed)  # the same seeded weights as the native engine
+        steps["kmoe megatron"] = ours_step(megatron, tokens, cfg.train.lr)
     results = {}
     for name, sec in timed_interleaved(steps, args.steps, args.warmup).items():
         tps = batch * seq / sec
@@ -124,6 +136,8 @@ def main() -> int:
               f"= {100 * achieved / peak:5.1f}% of measured fp32 matmul")  # fmt: skip
     ours, theirs = results["kmoe native"], results["transformers Glm4Moe"]
     print(f"kmoe native / transformers tokens/s: {ours / theirs:.2f}x")
+    if "kmoe megatron" in results:
+        print(f"kmoe megatron / kmoe native tokens/s: {results['kmoe megatron'] / ours:.2f}x")
     return 0
 
 

@@ -19,9 +19,20 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_main(rank: int, fn: Callable, world: int, backend: str, store: str, out: str, args: tuple) -> None:
+def _rank_main(
+    rank: int,
+    fn: Callable,
+    world: int,
+    backend: str,
+    store: str,
+    out: str,
+    args: tuple,
+    setup: Callable | None,
+) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), OMP_NUM_THREADS="1")
     torch.set_num_threads(1)
+    if setup is not None:
+        setup()
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         result = fn(*args)
@@ -32,16 +43,21 @@ def _rank_main(rank: int, fn: Callable, world: int, backend: str, store: str, ou
 
 
 def run_distributed_test(
-    fn: Callable[..., Any], world_size: int = 2, backend: str = "gloo", args: tuple = ()
+    fn: Callable[..., Any],
+    world_size: int = 2,
+    backend: str = "gloo",
+    args: tuple = (),
+    setup: Callable[[], None] | None = None,
 ) -> list[Any]:
     """Run `fn(*args)` on `world_size` ranks of a fresh process group; the list of their return values.
 
+    `setup` (importable, no arguments) runs first in each rank, e.g. tests/megatron_cpu.py's `install`.
     A rank that raises fails the call with that rank's traceback."""
     with tempfile.TemporaryDirectory(prefix="kmoe-ranks-") as tmp:
         store = str(Path(tmp) / "store")
         mp.start_processes(
             _rank_main,
-            args=(fn, world_size, backend, store, tmp, args),
+            args=(fn, world_size, backend, store, tmp, args, setup),
             nprocs=world_size,
             join=True,
             start_method="spawn",

@@ -114,8 +114,17 @@ def sharded_digests(state: Mapping[str, Any], group: Any = None) -> dict[str, st
     """
     if not (dist.is_available() and dist.is_initialized()):
         return combine_named([local_pieces(state)])
+    return digests_of_pieces(local_pieces(state, dist.get_rank(group), dist.get_world_size(group)), group)
+
+
+def digests_of_pieces(mine: NamedPieces, group: Any = None) -> dict[str, str]:
+    """Combine every rank's pieces (hashes only) on the group's first rank; the digests, on every rank.
+
+    For engines that place their shards themselves (the megatron engine's blocks of kmoe tensors).
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return combine_named([mine])
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    mine = local_pieces(state, rank, world)
     gathered: list[Any] = [None] * world if rank == 0 else []
     dist.gather_object(mine, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0) if group else 0,
                        group=group)  # fmt: skip

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from engine_cases import CASES, REFUSED, EngineCase
+from engine_cases import CASES, REFERENCES, REFUSED, EngineCase
 from multirank import rank_info, run_distributed_test
 
 from kmoe.configtree import ConfigError
@@ -135,10 +135,12 @@ def results(case: EngineCase, shards: str, tmp_root: Path) -> list[dict]:
     """Per-rank results of `contract_run` for `case` (computed once per session)."""
     if case.id not in _RESULTS:
         run_dir = str(tmp_root / case.id)
-        if case.world == 1:
+        if case.world == 1 and case.setup is None:
             _RESULTS[case.id] = [contract_run(case, shards, run_dir)]
         else:
-            _RESULTS[case.id] = run_distributed_test(contract_run, case.world, args=(case, shards, run_dir))
+            _RESULTS[case.id] = run_distributed_test(
+                contract_run, case.world, args=(case, shards, run_dir), setup=case.setup
+            )
     return _RESULTS[case.id]
 
 
@@ -158,8 +160,8 @@ def got(case, shards, tmp_root) -> list[dict]:
 
 
 @pytest.fixture
-def ref(shards, tmp_root) -> dict:
-    return results(CASES[0], shards, tmp_root)[0]
+def ref(case, shards, tmp_root) -> dict:
+    return results(REFERENCES[case.reference], shards, tmp_root)[0]
 
 
 def test_layout_agrees_with_dims_and_validate(case, got):

@@ -1,4 +1,4 @@
-"""Training engines: one interface (base.py), the native PyTorch engine (native.py)."""
+"""Training engines: one interface (base.py), the native PyTorch engine (native.py), megatron-core (megatron/)."""
 
 from ..dims import ParallelDims
 from .base import Engine, LossStats, MicroBatch, StepResult
@@ -12,4 +12,8 @@ def build_engine(cfg, dist) -> Engine:
         from .native import NativeEngine
 
         return NativeEngine(cfg, dist)
-    raise ValueError(f"engine.name: {cfg.engine.name!r} is not implemented yet (available: native)")
+    if cfg.engine.name == "megatron":
+        from .megatron.engine import MegatronEngine
+
+        return MegatronEngine(cfg, dist)
+    raise ValueError(f"engine.name: {cfg.engine.name!r} is not implemented yet (available: native, megatron)")

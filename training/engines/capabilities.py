@@ -7,6 +7,7 @@ not implement, before a file, a key or a job exists. An engine that gains a feat
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -21,6 +22,7 @@ class EngineCapabilities:
     parallel_dims: frozenset[str] = frozenset()  # parallel.* sizes that may exceed 1
     options: dict[str, frozenset[Any]] = field(default_factory=dict)  # engine.<key> -> accepted values
     hints: dict[str, str] = field(default_factory=dict)  # what to use instead, by config key
+    check: str = ""  # "module:function(cfg)" with the engine's own refusals (model settings it cannot compute)
 
 
 CAPABILITIES: dict[str, EngineCapabilities] = {
@@ -35,7 +37,17 @@ CAPABILITIES: dict[str, EngineCapabilities] = {
             "(parallel.expert_parallel); tensor, pipeline and context parallelism need engine.name=megatron",
         },
     ),
-    "megatron": EngineCapabilities(implemented=False),
+    "megatron": EngineCapabilities(
+        implemented=True,
+        strategies=frozenset({"auto", "ddp"}),  # megatron's DDP with the distributed optimizer
+        parallel_dims=frozenset({"expert_parallel", "tensor_parallel", "pipeline_parallel"}),
+        hints={
+            "engine.zero_stage": "it shards optimizer state with its distributed optimizer (engine.name=deepspeed "
+            "for ZeRO stages)",
+            "parallel.context_parallel": "not implemented by kmoe's megatron engine yet",
+        },
+        check="training.engines.megatron.spec:check_run",
+    ),
     "deepspeed": EngineCapabilities(implemented=False),
 }
 
@@ -68,6 +80,9 @@ def check_engine(cfg: Any, world_size: int | None = None) -> None:
                 f"parallel.{dim}: {size} is not implemented by the {name} engine"
                 + (f"; {hint}" if hint else "")
             )
+    if cap.check:
+        module, func = cap.check.split(":")
+        getattr(importlib.import_module(module), func)(cfg)
     defaults = type(cfg.engine)()
     for f in fields(cfg.engine):
         if f.name == "name":
