@@ -123,7 +123,7 @@ def main() -> int:
         "transformers Glm4Moe": hf_step(hf, tokens, cfg),
     }
     if args.megatron:
-        mcfg = load_run_config(args.config, [*args.set, "engine.name=megatron"])
+        mcfg = load_run_config(args.config, [*args.set, "engine.name=megatron", "model.balance_loss_coeff=0"])
         megatron = build_engine(mcfg, DistInfo(0, 1, 0, torch.device("cpu")))
         megatron.build(cfg.train.seed)  # the same seeded weights as the native engine
         steps["kmoe megatron"] = ours_step(megatron, tokens, cfg.train.lr)

@@ -37,8 +37,15 @@ CASES = [
     EngineCase("native-ep4", 4, ("parallel.expert_parallel=4", "train.micro_batch_size=2"), full=True),
     # megatron-core on CPU through the tests' CUDA redirect; tolerance as issue 16 states it
     *(
-        EngineCase(f"megatron-{name}", world, ("engine.name=megatron", *NO_BALANCE_LOSS, *more), 1e-4, megatron_cpu,
-                   full=True, reference="native-single-no-balance-loss")
+        EngineCase(
+            f"megatron-{name}",
+            world,
+            ("engine.name=megatron", *NO_BALANCE_LOSS, *more),
+            1e-4,
+            megatron_cpu,
+            full=True,
+            reference="native-single-no-balance-loss",
+        )
         for name, world, more in [
             ("single", 1, ()),
             ("ep-2", 2, ("parallel.expert_parallel=2",)),

@@ -50,6 +50,7 @@ def _run(shards: str, path: str, save: bool, *layout: str) -> dict:
         "checkpoint.every=0",
         "train.eval_every=0",
         "engine.name=megatron",
+        "model.balance_loss_coeff=0",
         *layout,
     ]
     cfg = load_run_config(TOY, over)

@@ -31,7 +31,7 @@ TOL = {"expert_parallel": 1e-4, "tensor_parallel": 5e-4, "pipeline_parallel": 1e
 def overrides(shards: str, *more: str) -> list[str]:
     return [f"data.shards={shards}", f"train.steps={STEPS}", "train.warmup_steps=2", "train.eval_every=0",
             "checkpoint.every=5", "checkpoint.keep_last=10", "checkpoint.keep_every=0", "log.wandb=false",
-            *more]  # fmt: skip
+            "model.balance_loss_coeff=0", *more]  # fmt: skip
 
 
 def train(run_dir: str, over: list[str], resume: str = "none") -> int:

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from training.toy_shards import write_toy_shards
 
 from kmoe.cli import main
 from training.config import ENGINE_PARALLEL
 from training.ledger_chain import LEDGER_FILE, read_lines
-from training.toy_shards import write_toy_shards
 
 pytestmark = [pytest.mark.distributed, pytest.mark.full]
 REPO = Path(__file__).resolve().parents[2]

@@ -9,6 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from toy_shards import write_toy_shards
 
 from kmoe.cli import main
 from kmoe.hashing import TENSOR_SCHEME
@@ -16,7 +17,6 @@ from training.audit.init_check import init_check
 from training.audit.replay import replay
 from training.audit.verify import verify_run
 from training.ledger_chain import LEDGER_FILE, read_lines
-from toy_shards import write_toy_shards
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures/legacy-v1"
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import yaml
 from model_fixtures import random_checkpoint
+from quantize_inputs import TINY_MODEL, build_sp_tokenizer
 
 from kmoe.cli import main
 from model import ModelConfig
-from quantize.devtools import TINY_MODEL, build_sp_tokenizer
 from training.ledger import Ledger
 
 EXPORTED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")

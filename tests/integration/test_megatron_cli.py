@@ -32,7 +32,8 @@ def kmoe(*args: str, megatron: bool = True) -> subprocess.CompletedProcess:
 
 def settings(shards: str, steps: int, *more: str) -> list[str]:
     over = [f"data.shards={shards}", f"train.steps={steps}", "train.warmup_steps=2", "train.eval_every=5",
-            "checkpoint.every=5", "checkpoint.keep_last=10", "log.wandb=false", *more]  # fmt: skip
+            "checkpoint.every=5", "checkpoint.keep_last=10", "log.wandb=false",
+            "model.balance_loss_coeff=0", *more]  # fmt: skip
     return [a for o in over for a in ("--set", o)]
 
 

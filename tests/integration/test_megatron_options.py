@@ -24,6 +24,7 @@ def _steps(shards: str, checkpointing: bool) -> tuple[list[tuple[float, float, l
     over = [
         f"data.shards={shards}",
         "engine.name=megatron",
+        "model.balance_loss_coeff=0",
         f"train.activation_checkpointing={checkpointing}",
     ]
     cfg = load_run_config(TOY, over)

@@ -22,7 +22,9 @@ class EngineCapabilities:
     parallel_dims: frozenset[str] = frozenset()  # parallel.* sizes that may exceed 1
     options: dict[str, frozenset[Any]] = field(default_factory=dict)  # engine.<key> -> accepted values
     hints: dict[str, str] = field(default_factory=dict)  # what to use instead, by config key
-    check: str = ""  # "module:function(cfg)" with the engine's own refusals (model settings it cannot compute)
+    check: str = (
+        ""  # "module:function(cfg)" with the engine's own refusals (model settings it cannot compute)
+    )
 
 
 CAPABILITIES: dict[str, EngineCapabilities] = {

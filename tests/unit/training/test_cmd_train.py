@@ -27,10 +27,13 @@ def test_bad_batch_split_is_a_clear_error(capsys):
 
 
 REFUSED = [
-    (["engine.name=megatron"], "engine.name: the 'megatron' engine is not implemented"),
+    (
+        ["engine.name=megatron", "model.balance_loss_coeff=0", "parallel.context_parallel=2"],
+        "parallel.context_parallel: 2 is not implemented by the megatron engine",
+    ),
+    (["engine.name=megatron"], "model.balance_loss_coeff: megatron's seq_aux_loss"),
     (["engine.name=deepspeed"], "engine.name: the 'deepspeed' engine is not implemented"),
     (["engine.zero_stage=3"], "engine.zero_stage: 3 is not implemented by the native engine"),
-    (["parallel.expert_parallel=2"], "parallel.expert_parallel: 2 is not implemented by the native engine"),
     (["parallel.tensor_parallel=2"], "parallel.tensor_parallel: 2 is not implemented by the native engine"),
     (
         ["parallel.pipeline_parallel=2"],
@@ -62,7 +65,7 @@ def test_missing_data_is_refused_before_anything_is_written(tmp_path, capsys):
 def test_the_capability_table_is_what_validate_checks():
     from training.engines.capabilities import CAPABILITIES, implemented_engines
 
-    assert implemented_engines() == ["native"]
+    assert implemented_engines() == ["megatron", "native"]
     assert set(CAPABILITIES) == set(
         get_args(get_type_hints(EngineConfig)["name"])
     )  # every engine has an entry

@@ -245,6 +245,6 @@ def test_megatron_on_a_cpu_without_the_test_redirect_is_refused_naming_the_engin
     if torch.cuda.is_available():
         pytest.skip("a GPU is present: the megatron engine runs")
     toy = Path(__file__).resolve().parents[3] / "configs/train/toy.yaml"
-    cfg = load_run_config(str(toy), ["engine.name=megatron"])
+    cfg = load_run_config(str(toy), ["engine.name=megatron", "model.balance_loss_coeff=0"])
     with pytest.raises(ConfigError, match=r"engine\.name: megatron needs CUDA"):
         build_engine(cfg, DistInfo(0, 1, 0, torch.device("cpu")))
