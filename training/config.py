@@ -61,7 +61,9 @@ class ParallelConfig:
 @dataclass
 class EngineConfig:
     name: Literal["native", "megatron", "deepspeed"] = "native"
-    zero_stage: int = 1  # deepspeed only
+    zero_stage: int = 1  # deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters
+    offload_optimizer: Literal["none", "cpu"] = "none"  # deepspeed: optimizer state and its step on the CPU
+    offload_params: Literal["none", "cpu"] = "none"  # deepspeed ZeRO-3: parameters kept on the CPU
 
 
 @dataclass
@@ -219,10 +221,14 @@ def validate(cfg: RunConfig, world_size: int | None = None) -> None:
 # other setting is refused naming the key rather than silently ignored.
 ENGINE_PARALLEL: dict[str, set[str]] = {
     "native": set(),
+    "deepspeed": set(),  # ZeRO data parallelism; kmoe's experts run as plain parameters (no EP)
 }
 
 
 def _validate_engine_support(cfg: RunConfig) -> None:
+    from .engines.deepspeed.settings import validate_engine_options
+
+    validate_engine_options(cfg)
     p, name = cfg.parallel, cfg.engine.name
     implemented = ENGINE_PARALLEL.get(name)
     if implemented is None:

@@ -137,7 +137,8 @@ def tmp_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("contract")
 
 
-@pytest.fixture(params=CASES, ids=[c.id for c in CASES])
+@pytest.fixture(params=[pytest.param(c, marks=[pytest.mark.full] if c.full else []) for c in CASES],
+                ids=[c.id for c in CASES])  # fmt: skip
 def case(request) -> EngineCase:
     return request.param
 

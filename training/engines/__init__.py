@@ -1,4 +1,4 @@
-"""Training engines: one interface (base.py), the native PyTorch engine (native.py)."""
+"""Training engines: one interface (base.py), the native PyTorch engine (native.py), DeepSpeed ZeRO (deepspeed/)."""
 
 from ..dims import ParallelDims
 from .base import Engine, LossStats, MicroBatch, StepResult
@@ -12,4 +12,10 @@ def build_engine(cfg, dist) -> Engine:
         from .native import NativeEngine
 
         return NativeEngine(cfg, dist)
-    raise ValueError(f"engine.name: {cfg.engine.name!r} is not implemented yet (available: native)")
+    if cfg.engine.name == "deepspeed":
+        from .deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, dist)
+    raise ValueError(
+        f"engine.name: {cfg.engine.name!r} is not implemented yet (available: native, deepspeed)"
+    )
