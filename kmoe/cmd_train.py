@@ -74,4 +74,8 @@ def _dry_run(args: argparse.Namespace, cfg, world: int) -> int:
     emit("# resolved config\n" + dump_yaml(cfg))
     cmd_info(argparse.Namespace(config=args.config, set=args.set, seq_len=cfg.data.seq_len, json=False))
     emit("parallel layout: " + json.dumps(layout(cfg, world)))
+    if cfg.engine.name == "deepspeed":
+        from training.engines.deepspeed.memory import plan_lines, zero_memory_plan
+
+        emit("\n".join(plan_lines(zero_memory_plan(cfg, world))))
     return 0

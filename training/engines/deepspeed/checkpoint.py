@@ -39,8 +39,11 @@ def shard_dir(ckpt_dir: Path) -> Path:
 
 def save(ds_engine: Any, buffers: dict[str, torch.Tensor], ckpt_dir: Path, stage: int, dp_size: int) -> None:
     """Every rank writes its shards under `<ckpt_dir>/deepspeed/` (collective); rank 0 the `buffers`."""
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY
-    from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_VERSION_VALUE
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
 
     out = shard_dir(ckpt_dir)
     # The universal-checkpoint marker lets ds_to_universal reshard these files later without patching them.
@@ -63,7 +66,9 @@ def saved_layout(ckpt_dir: Path) -> dict[str, int]:
     return json.loads(path.read_text())
 
 
-def load(ds_engine: Any, buffers: dict[str, torch.Tensor], ckpt_dir: Path, scratch: Path, dp_size: int) -> None:
+def load(
+    ds_engine: Any, buffers: dict[str, torch.Tensor], ckpt_dir: Path, scratch: Path, dp_size: int
+) -> None:
     """Load the shards of `ckpt_dir` into `ds_engine` and the saved buffers into `buffers` (collective). On
     a different data-parallel size (or ZeRO stage) the shards are first converted to a universal checkpoint
     under `scratch` (rank 0, then removed)."""

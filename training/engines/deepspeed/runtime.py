@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from types import ModuleType
 from typing import Any
 
@@ -34,6 +35,11 @@ def deepspeed_module() -> ModuleType:
     # ranks on a file lock). deepspeed.ops caches this dict so that edits like this one persist.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)  # its config dump and per-step INFO lines
+    # DeepSpeed still calls the tensor collectives torch renamed; one warning per call floods the log.
+    warnings.filterwarnings(
+        "ignore", message=r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` is deprecated",
+        category=FutureWarning,
+    )  # fmt: skip
     return deepspeed
 
 

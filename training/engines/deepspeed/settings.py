@@ -15,6 +15,14 @@ if TYPE_CHECKING:
 
 ZERO_STAGES = (1, 2, 3)
 OFFLOAD_DEVICES = ("none", "cpu")
+# DeepSpeed's own defaults (elements), written out so the memory plan (memory.py) counts what runs.
+BUCKETS = {
+    "reduce_bucket_size": 500_000_000,  # gradient reduction buffer
+    "allgather_bucket_size": 500_000_000,  # ZeRO-1/2 parameter all-gather buffer
+    "stage3_prefetch_bucket_size": 50_000_000,  # ZeRO-3 parameters fetched ahead of their module
+    "stage3_param_persistence_threshold": 100_000,  # ZeRO-3 keeps smaller parameters whole on every rank
+    "stage3_max_live_parameters": 1_000_000_000,  # ZeRO-3 gathered parameters alive at once
+}
 
 
 def validate_deepspeed(cfg: RunConfig) -> None:
@@ -82,6 +90,7 @@ def ds_config(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict[str, Any]:
         "reduce_scatter": True,
         # Communication overlaps compute on CUDA streams; on CPU there are none to overlap with.
         "overlap_comm": on_gpu,
+        **BUCKETS,
     }
     if e.offload_optimizer == "cpu":
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
