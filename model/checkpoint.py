@@ -3,7 +3,8 @@
 A model checkpoint is a directory with
   model.safetensors   every parameter and persistent buffer under kmoe's names, in the dtype trained
   config.yaml         the resolved run config; its `model:` section rebuilds the architecture
-  digests.json        sha256 of each tensor (see kmoe.hashing.tensor_digest) and their Merkle root
+  digests.json        each tensor's digest under `scheme` (kmoe.hashing.TENSOR_SCHEME; files without a `scheme`
+                      hold LEGACY_SCHEME sha256 digests) and their Merkle root
 Training checkpoints add optimizer, RNG and data-position files beside these (training/checkpoint.py).
 """
 
@@ -18,7 +19,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from kmoe import configtree
-from kmoe.hashing import named_merkle_root, state_digests
+from kmoe.hashing import LEGACY_SCHEME, TENSOR_SCHEME, named_merkle_root, state_digests
 
 from .config import ModelConfig, validate_model
 
@@ -43,8 +44,8 @@ def save_model_dir(
     path.mkdir(parents=True, exist_ok=True)
     save_file(state, str(path / MODEL_FILE), metadata={"format": "kmoe"})
     (path / CONFIG_FILE).write_text(yaml.safe_dump(config, sort_keys=False, allow_unicode=True))
-    digests = state_digests(state)
-    record = {"tensors": digests, "merkle_root": named_merkle_root(digests)}
+    digests = state_digests(state, TENSOR_SCHEME)
+    record = {"tensors": digests, "merkle_root": named_merkle_root(digests), "scheme": TENSOR_SCHEME}
     (path / DIGESTS_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
     return record
 
@@ -85,12 +86,13 @@ def verify_state(path: Path, state: dict[str, torch.Tensor]) -> None:
     digest_file = path / DIGESTS_FILE
     if not digest_file.is_file():
         raise CheckpointError(f"{path}: {DIGESTS_FILE} missing, cannot verify")
-    recorded = json.loads(digest_file.read_text())["tensors"]
-    actual = state_digests(state)
+    record = json.loads(digest_file.read_text())
+    recorded, scheme = record["tensors"], record.get("scheme", LEGACY_SCHEME)
+    actual = state_digests(state, scheme)
     for name in sorted(set(recorded) | set(actual)):
         if name not in actual:
             raise CheckpointError(f"{path}: tensor '{name}' is recorded in {DIGESTS_FILE} but missing")
         if name not in recorded:
             raise CheckpointError(f"{path}: tensor '{name}' is not recorded in {DIGESTS_FILE}")
         if recorded[name] != actual[name]:
-            raise CheckpointError(f"{path}: tensor '{name}' does not match its recorded sha256 digest")
+            raise CheckpointError(f"{path}: tensor '{name}' does not match its recorded digest ({scheme})")

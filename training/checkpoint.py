@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from kmoe.hashing import named_merkle_root, sha256_file, sha256_json, state_digests
+from kmoe.hashing import (
+    LEGACY_SCHEME,
+    TENSOR_SCHEME,
+    named_merkle_root,
+    sha256_file,
+    sha256_json,
+    state_digests,
+)
 from model.checkpoint import CheckpointError, save_model_dir
 
 log = logging.getLogger(__name__)
@@ -128,10 +135,11 @@ def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], t
         "format": FORMAT,
         "step": step,
         "files": {f.name: sha256_file(f) for f in sorted(tmp.iterdir())},
+        "digest_scheme": TENSOR_SCHEME,
         "tensors": {
             "model.safetensors": record["tensors"],
-            "optimizer.safetensors": state_digests(opt_tensors),
-            "rng.safetensors": state_digests(rng_flat),
+            "optimizer.safetensors": state_digests(opt_tensors, TENSOR_SCHEME),
+            "rng.safetensors": state_digests(rng_flat, TENSOR_SCHEME),
         },
         "model_merkle_root": record["merkle_root"],
     }
@@ -149,7 +157,8 @@ def save(root: Path, step: int, state: dict[str, Any], config: dict[str, Any], t
         "rng": named_merkle_root(manifest["tensors"]["rng.safetensors"]),
         "data": sha256_json(data_position(trainer_state["trainer"])),
     }
-    return {"path": final, "digests": record["tensors"], "merkle_root": record["merkle_root"], "roots": roots}
+    return {"path": final, "digests": record["tensors"], "merkle_root": record["merkle_root"], "roots": roots,
+            "digest_scheme": TENSOR_SCHEME}  # fmt: skip
 
 
 def data_position(trainer: dict[str, Any]) -> dict[str, Any]:
@@ -187,16 +196,16 @@ def remove_partial(root: Path) -> None:
             shutil.rmtree(d, ignore_errors=True)
 
 
-def _check_tensors(path: Path, fname: str, recorded: dict[str, str]) -> dict[str, torch.Tensor]:
+def _check_tensors(path: Path, fname: str, recorded: dict[str, str], scheme: str) -> dict[str, torch.Tensor]:
     try:
         tensors = load_file(str(path / fname))
     except Exception as e:  # a corrupt header: the file cannot even be parsed
         raise CheckpointError(f"{path / fname}: unreadable safetensors file ({e})") from e
-    actual = state_digests(tensors)
+    actual = state_digests(tensors, scheme)
     for name in sorted(set(recorded) | set(actual)):
         if recorded.get(name) != actual.get(name):
             raise CheckpointError(
-                f"{path}: tensor '{name}' in {fname} does not match its recorded sha256 digest "
+                f"{path}: tensor '{name}' in {fname} does not match its recorded digest ({scheme}) "
                 "(corrupt or modified checkpoint; refusing to resume from it)"
             )
     return tensors
@@ -210,7 +219,8 @@ def load(path: Path) -> dict[str, Any]:
     manifest = json.loads(mf.read_text())
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mf}: unknown format {manifest.get('format')!r} (expected {FORMAT})")
-    tensors = {f: _check_tensors(path, f, manifest["tensors"][f]) for f in manifest["tensors"]}
+    scheme = manifest.get("digest_scheme", LEGACY_SCHEME)
+    tensors = {f: _check_tensors(path, f, manifest["tensors"][f], scheme) for f in manifest["tensors"]}
     model_digests = json.loads((path / "digests.json").read_text())["tensors"]
     if model_digests != manifest["tensors"]["model.safetensors"]:
         raise CheckpointError(f"{path}: digests.json disagrees with {MANIFEST}")
@@ -224,6 +234,7 @@ def load(path: Path) -> dict[str, Any]:
         "rng": tensors["rng.safetensors"],
         "trainer_state": json.loads((path / "trainer_state.json").read_text()),
         "merkle_root": named_merkle_root(manifest["tensors"]["model.safetensors"]),
+        "digest_scheme": scheme,
         "step": int(manifest["step"]),
     }
 

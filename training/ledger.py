@@ -23,7 +23,16 @@ from typing import Any
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from kmoe.hashing import canonical_json, named_merkle_root, sha256_bytes, sha256_file, sha256_json
+from kmoe.hashing import (
+    LEGACY_SCHEME,
+    TENSOR_SCHEME,
+    canonical_json,
+    named_merkle_root,
+    sha256_bytes,
+    sha256_file,
+    sha256_json,
+    state_digests,
+)
 
 from . import ledger_facts
 from .ledger_chain import (
@@ -145,6 +154,7 @@ class Ledger:
         self.head, self.seq = GENESIS_PREV, 0
         self.resumed = False
         self.recorded: set[str] = set()  # checkpoint paths the ledger names (as recorded: run-dir relative)
+        self._init_scheme = TENSOR_SCHEME
         self._f = None
 
     @classmethod
@@ -183,6 +193,7 @@ class Ledger:
         self.head, self.seq = chain.head, len(chain.records)
         self.resumed = True
         self.recorded = {str(r.get("path")) for _, r in chain.records if r.get("kind") == "checkpoint"}
+        self._init_scheme = (genesis.get("init") or {}).get("scheme", LEGACY_SCHEME)
         self._unsigned_checkpoint = bool(chain.records) and chain.records[-1][1].get("kind") == "checkpoint"
         self.last_signed_seq = max(
             (r["seq"] for _, r in chain.records if r.get("kind") == "signature"), default=-1
@@ -218,20 +229,19 @@ class Ledger:
         hostnames: Sequence[str] | None = None,
         code_root: str | Path | None = None,
         trainer: str = "kmoe",
+        digest_scheme: str = TENSOR_SCHEME,
     ) -> dict[str, Any]:
         """The first record: config, code, environment, data, seed and the initial weight digests.
 
-        `init_state` is the state dict right after `init_weights` (fp32), or a mapping of its tensor digests;
-        `trainer` names the program that trains (replay picks its engine by this name).
+        `init_state` is the state dict right after `init_weights` (fp32), or a mapping of its tensor digests
+        under `digest_scheme`; `trainer` names the program that trains (replay picks its engine by this name).
         """
         if self.seq != 0:
             raise LedgerError(
                 f"{self.path}: genesis must be the first record (ledger already has {self.seq})"
             )
-        from kmoe.hashing import state_digests
-
         first = next(iter(init_state.values()), None)
-        digests = dict(init_state) if isinstance(first, str) else state_digests(init_state)
+        digests = dict(init_state) if isinstance(first, str) else state_digests(init_state, digest_scheme)
         return self._append(
             "genesis",
             format=FORMAT,
@@ -244,7 +254,7 @@ class Ledger:
             code=ledger_facts.code_identity(code_root),
             environment=ledger_facts.environment(world_size, hostnames),
             data={"manifest_root": data_manifest_root, "tokenizer_hash": tokenizer_hash},
-            init={"tensors": digests, "merkle_root": named_merkle_root(digests)},
+            init={"tensors": digests, "merkle_root": named_merkle_root(digests), "scheme": digest_scheme},
         )
 
     def step(
@@ -287,11 +297,13 @@ class Ledger:
         tokens: int,
         roots: dict[str, str],
         files: Mapping[str, str] | None = None,
+        digest_scheme: str = TENSOR_SCHEME,
     ) -> dict[str, Any]:
         """A checkpoint written at `step`, then a signature over the chain head.
 
-        `roots` holds the Merkle roots the trainer computed from memory (model, optimizer, rng, data);
-        `files` the sha256 of every file in the directory (computed here when not given).
+        `roots` holds the Merkle roots the trainer computed from memory (model, optimizer, rng, data) over
+        per-tensor digests of `digest_scheme`; `files` the sha256 of every file in the directory, as the
+        writer hashed them while writing (computed here only when not given).
         """
         path = Path(path)
         if not path.is_dir():
@@ -303,6 +315,7 @@ class Ledger:
             tokens=int(tokens),
             path=self.relpath(path),
             roots=dict(roots),
+            digest_scheme=digest_scheme,
             files=dict(files) if files is not None else dir_file_digests(path),
         )
         self._sign(final=False)
@@ -329,6 +342,10 @@ class Ledger:
 
     def has_genesis(self) -> bool:
         return self.seq > 0
+
+    def init_scheme(self) -> str:
+        """The tensor digest scheme of the genesis init digests (ledgers before it was recorded: legacy)."""
+        return self._init_scheme
 
     def recorded_checkpoints(self) -> set[str] | None:
         """Paths of the checkpoints this ledger records (relative to the run dir when inside it)."""

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import yaml
 
-from kmoe.hashing import named_merkle_root
+from kmoe.hashing import LEGACY_SCHEME, named_merkle_root, state_digests
 from model.params import model_size
 
 from . import checkpoint as ckpt
@@ -105,7 +105,7 @@ class Trainer:
             return
         data = self.data.describe()
         if self.ledger.has_genesis():  # restarted before any checkpoint: the ledger goes on, from init again
-            digests = self.engine.param_digests()
+            digests = self._init_digests()
             self.ledger.event(
                 "restart", step=0, model_root=named_merkle_root(digests), reason="no checkpoint"
             )
@@ -115,6 +115,20 @@ class Trainer:
                             data_manifest_root=data["root_hash"], tokenizer_hash=data["tokenizer"],
                             world_size=self.info.world, trainer=TRAINER)  # fmt: skip
         self.metrics.event("start", config_hash=config_hash(cfg), layout=self.engine.layout(), data=data)
+
+    def _init_digests(self) -> dict[str, str]:
+        """The weights' digests under the genesis record's scheme. Collective (only rank 0 has the ledger)."""
+        legacy = self.ledger.has_genesis() and self.ledger.init_scheme() == LEGACY_SCHEME
+        if self.engine.all_reduce([float(legacy)], op="max")[0] == 0:
+            return self.engine.param_digests()
+        # a run begun before the Merkle scheme restarts: its genesis holds whole-tensor sha256 digests
+        from torch.distributed.tensor import DTensor
+
+        full = {
+            k: v.full_tensor() if isinstance(v, DTensor) else v
+            for k, v in self.engine.state_dict()["model"].items()
+        }
+        return state_digests(full, LEGACY_SCHEME)
 
     def build(self, write_metrics: bool = True) -> None:
         """Data, engine (model initialised from the seed, optimizer) and the metrics logger; writes no file
@@ -345,7 +359,8 @@ class Trainer:
             log.info("checkpoint %s (%s)", rec["path"], reason)
             self.metrics.event("checkpoint", step=self.state.step, path=str(rec["path"]), reason=reason,
                                roots=rec["roots"])  # fmt: skip
-            self.ledger.checkpoint(self.state.step, rec["path"], tokens=self.state.tokens, roots=rec["roots"])
+            self.ledger.checkpoint(self.state.step, rec["path"], tokens=self.state.tokens, roots=rec["roots"],
+                                   digest_scheme=rec["digest_scheme"])  # fmt: skip
             self.metrics.summary(self.ledger.identity())  # the signed head: survives a later crash
             for gone in ckpt.prune(
                 self.ckpt_root, self.cfg.checkpoint.keep_last, self.cfg.checkpoint.keep_every

@@ -1,7 +1,8 @@
 """`kmoe audit init-check RUN_DIR`: rebuild the initial weights from the recorded config and seed.
 
 model/init.py makes every tensor a function of (seed, name, shape, config) alone, so the genesis record's
-per-tensor digests can be recomputed by anyone with the code: a match shows the run began from the claimed
+per-tensor digests (under the scheme it names; legacy sha256 when it names none) can be recomputed by anyone
+with the code: a match shows the run began from the claimed
 random initialisation and not from some other weights. Tensors are rebuilt one at a time (the model is
 built on the meta device for names and shapes), so memory stays at one tensor.
 """
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 
 from kmoe import configtree
-from kmoe.hashing import named_merkle_root, tensor_digest
+from kmoe.hashing import LEGACY_SCHEME, digest_as, named_merkle_root
 from model import MoETransformer
 from model.config import ModelConfig, validate_model
 from model.init import init_value
@@ -46,13 +47,14 @@ def read_genesis(run_dir: str | Path) -> dict[str, Any]:
     return rec
 
 
-def rebuild_init_digests(mcfg: ModelConfig, seed: int) -> dict[str, str]:
-    """Per-tensor digests of the weights `init_weights(MoETransformer(mcfg), mcfg, seed)` produces."""
+def rebuild_init_digests(mcfg: ModelConfig, seed: int, scheme: str) -> dict[str, str]:
+    """Per-tensor digests (under `scheme`) of the weights `init_weights(MoETransformer(mcfg), mcfg, seed)`
+    produces."""
     with torch.device("meta"):
         model = MoETransformer(mcfg)
     shapes = {name: t.shape for name, t in model.state_dict().items()}
     return {
-        name: tensor_digest(init_value(name, shape, mcfg, seed)) for name, shape in sorted(shapes.items())
+        name: digest_as(init_value(name, shape, mcfg, seed), scheme) for name, shape in sorted(shapes.items())
     }
 
 
@@ -73,7 +75,11 @@ def init_check(run_dir: str | Path) -> InitCheck:
     except (configtree.ConfigError, ValueError) as e:
         res.findings.append(f"seq 0 (genesis): recorded config cannot rebuild the model: {e}")
         return res
-    rebuilt = rebuild_init_digests(mcfg, res.seed)
+    try:
+        rebuilt = rebuild_init_digests(mcfg, res.seed, init.get("scheme", LEGACY_SCHEME))
+    except ValueError as e:  # an unknown scheme
+        res.findings.append(f"seq 0 (genesis): {e}")
+        return res
     res.rebuilt_root = named_merkle_root(rebuilt)
     differ = sorted(n for n in set(rebuilt) | set(recorded) if rebuilt.get(n) != recorded.get(n))
     if differ:

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import torch
 
-from kmoe.hashing import named_merkle_root, state_digests, tensor_digest
+from kmoe.hashing import LEGACY_SCHEME, named_merkle_root, state_digests, tensor_digest
 from training.audit.init_check import read_genesis
 from training.ledger_chain import LEDGER_FILE, read_lines, walk_chain
 
@@ -182,7 +182,8 @@ def replay(
 
 
 def _compare_weights(res: ReplayResult, state: dict, theta0: dict, target: dict, run_dir: Path) -> None:
-    root = named_merkle_root(state_digests(state))
+    # the target's roots are over digests of the scheme its record names (none: a ledger from before schemes)
+    root = named_merkle_root(state_digests(state, target.get("digest_scheme", LEGACY_SCHEME)))
     res.bitwise = root == (target.get("roots") or {}).get("model")
     if res.bitwise:
         return

@@ -115,7 +115,9 @@ class Engine(ABC):
 
     @abstractmethod
     def param_digests(self) -> dict[str, str]:
-        """sha256 of every parameter and persistent buffer (full tensors), by kmoe name. Collective."""
+        """Layout-independent digest (kmoe.hashing.TENSOR_SCHEME) of every parameter and persistent buffer,
+        by kmoe name, identical on every rank. Collective: each rank hashes what it holds
+        (training.digests.sharded_digests); no tensor is gathered."""
 
     @abstractmethod
     def all_reduce(self, values: list[float], op: str = "sum", group: Group = "world") -> list[float]:

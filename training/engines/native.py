@@ -18,10 +18,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from kmoe.hashing import state_digests
-
 from .. import optim
 from ..config import RunConfig, validate
+from ..digests import sharded_digests
 from ..dims import ParallelDims, data_parallel_dims, native_strategy
 from ..parallel import DistInfo, build_model
 from .base import Engine, Group, LossStats, MicroBatch, StepResult
@@ -126,8 +125,7 @@ class NativeEngine(Engine):
             m.load_E.zero_()
 
     def param_digests(self) -> dict[str, str]:
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=False)
-        return state_digests(get_model_state_dict(self.wrapped, options=opts))
+        return sharded_digests(get_model_state_dict(self.wrapped))  # DTensor shards under FSDP2: no gather
 
     def all_reduce(self, values: list[float], op: str = "sum", group: Group = "world") -> list[float]:
         if not self.info.initialized:

@@ -1,0 +1,106 @@
+"""Layout-independent tensor digests of a sharded state, computed where the shards are (kmoe.hashing).
+
+Each rank hashes the block it holds of every tensor (a DTensor's local shard, placed by its mesh coordinate;
+a plain tensor that every rank holds whole is hashed by one rank, chosen round-robin), sends the resulting
+tree nodes (32 bytes each, plus the few elements of any cut leaf) to rank 0, which combines them into one
+digest per tensor and broadcasts the digests. No tensor is gathered; the digest equals
+`kmoe.hashing.layout_digest` of the full tensor whatever the layout (FSDP2 Shard(0), EP Shard(0) on the expert
+dim, a 2-D mesh with both, Shard(1), Replicate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from kmoe.hashing import DigestError, Pieces, TensorMeta, box_pieces, combine_pieces, meta_of
+
+NamedPieces = list[tuple[str, Pieces]]
+
+
+def dtensor_block(t: Any) -> tuple[tuple[int, ...], torch.Tensor] | None:
+    """(global offsets, local tensor) of the block this rank holds of DTensor `t`, or None when another
+    replica (a rank with a lower coordinate on a Replicate mesh dim) holds the same block and hashes it."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    coord = t.device_mesh.get_coordinate()
+    if coord is None:  # this rank is not in the tensor's mesh
+        return None
+    for dim, p in enumerate(t.placements):
+        if type(p) is Replicate:
+            if coord[dim] != 0:
+                return None
+        elif type(p) is not Shard:
+            raise DigestError(
+                f"placement {p} on mesh dim {dim}: digests need Shard(d) or Replicate placements "
+                "(redistribute Partial or strided shards first)"
+            )
+    shape, offsets = compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
+    local = t.to_local()
+    if tuple(local.shape) != tuple(shape):
+        raise DigestError(
+            f"local shard {tuple(local.shape)} is not the block {tuple(shape)} its placements imply"
+        )
+    return tuple(int(o) for o in offsets), local
+
+
+def local_pieces(state: Mapping[str, Any], rank: int = 0, world: int = 1) -> NamedPieces:
+    """This rank's pieces of every tensor in `state` (DTensors or plain tensors every rank holds whole)."""
+    from torch.distributed.tensor import DTensor
+
+    out: NamedPieces = []
+    for i, (name, t) in enumerate(sorted(state.items())):
+        if isinstance(t, DTensor):
+            meta = TensorMeta(str(t.dtype).removeprefix("torch."), tuple(int(n) for n in t.shape))
+            block = dtensor_block(t)
+            if block is None:
+                out.append((name, Pieces(meta)))  # names the tensor, so a tensor held nowhere is noticed
+                continue
+            offsets, local = block
+            out.append((name, box_pieces(meta, offsets, local.detach().cpu())))
+        elif i % world == rank:
+            out.append((name, box_pieces(meta_of(t), (0,) * t.dim(), t.detach().cpu())))
+    return out
+
+
+def combine_named(all_pieces: Iterable[NamedPieces]) -> dict[str, str]:
+    """Digest per tensor name from the pieces of every rank. Errors name the tensor."""
+    by_name: dict[str, list[Pieces]] = {}
+    for named in all_pieces:
+        for name, p in named:
+            by_name.setdefault(name, []).append(p)
+    out = {}
+    for name in sorted(by_name):
+        try:
+            out[name] = combine_pieces(by_name[name])
+        except DigestError as e:
+            raise DigestError(f"tensor '{name}': {e}") from None
+    return out
+
+
+def sharded_digests(state: Mapping[str, Any], group: Any = None) -> dict[str, str]:
+    """TENSOR_SCHEME digest of every tensor of a (possibly sharded) state, identical on every rank.
+
+    Collective over `group` (default: the world) when torch.distributed is initialised.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return combine_named([local_pieces(state)])
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    mine = local_pieces(state, rank, world)
+    gathered: list[Any] = [None] * world if rank == 0 else []
+    dist.gather_object(mine, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0) if group else 0,
+                       group=group)  # fmt: skip
+    result: list[Any] = [None]
+    if rank == 0:
+        try:
+            result = [combine_named(gathered)]
+        except DigestError as e:
+            result = [e]
+    dist.broadcast_object_list(result, src=dist.get_global_rank(group, 0) if group else 0, group=group)
+    if isinstance(result[0], Exception):
+        raise result[0]
+    return result[0]
