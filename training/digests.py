@@ -89,8 +89,15 @@ def sharded_digests(state: Mapping[str, Any], group: Any = None) -> dict[str, st
     """
     if not (dist.is_available() and dist.is_initialized()):
         return combine_named([local_pieces(state)])
+    return gather_combine(local_pieces(state, dist.get_rank(group), dist.get_world_size(group)), group)
+
+
+def gather_combine(mine: NamedPieces, group: Any = None) -> dict[str, str]:
+    """Digests from every rank's pieces (`mine` here): gathered to the group's first rank as hashes, combined,
+    broadcast. Collective over `group` (default: the world); on one process, just `mine`."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return combine_named([mine])
     rank, world = dist.get_rank(group), dist.get_world_size(group)
-    mine = local_pieces(state, rank, world)
     gathered: list[Any] = [None] * world if rank == 0 else []
     dist.gather_object(mine, gathered if rank == 0 else None, dst=dist.get_global_rank(group, 0) if group else 0,
                        group=group)  # fmt: skip

@@ -9,7 +9,7 @@ import pytest
 from kmoe.configtree import ConfigError
 from training.config import load_run_config, validate
 from training.dims import layout
-from training.engines.deepspeed.memory import moe_leaf_numels, param_shapes, zero_memory_plan
+from training.engines.deepspeed.memory import block_numels, param_shapes, zero_memory_plan
 from training.engines.deepspeed.settings import ds_config
 
 TINY = str(Path(__file__).resolve().parents[3] / "configs/train/tiny.yaml")
@@ -85,7 +85,7 @@ def test_memory_plan_shards_what_each_stage_shards():
     )
     assert z3.device["parameters (1/4 shards)"] + z3.device["parameters kept whole (small)"] < 4 * total / 2
     # ZeRO-3 gathers a whole MoE layer (every expert) at once: the plan counts it
-    leaf = max(moe_leaf_numels(shapes).values())
+    leaf = max(block_numels(shapes).values())
     assert z3.device["gathered MoE leaf layer (all experts)"] == 4 * leaf
     assert (
         leaf > 8 * 3 * 256 * 256

@@ -16,8 +16,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from kmoe.hashing import state_digests
-
 from ... import optim
 from ...config import RunConfig, validate
 from ...dims import ParallelDims, data_parallel_dims
@@ -25,6 +23,7 @@ from ...parallel import DistInfo
 from ..base import Engine, Group, LossStats, MicroBatch, StepResult
 from . import runtime, settings
 from . import state as zstate
+from .digests import zero_digests
 
 log = logging.getLogger(__name__)
 
@@ -162,9 +161,8 @@ class DeepSpeedEngine(Engine):
         self._zero_load()
 
     def param_digests(self) -> dict[str, str]:
-        full = dict(zstate.full_tensors(self.ds_lib, self.model, None))
-        full.update({n: b.detach().cpu() for n, b in zstate.persistent_buffer_items(self.model)})
-        return state_digests(full)
+        """Layout-independent digests, each rank hashing the ZeRO partition it owns (nothing is gathered)."""
+        return zero_digests(self.ds_lib, self.model)
 
     def all_reduce(self, values: list[float], op: str = "sum", group: Group = "world") -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.info.device)

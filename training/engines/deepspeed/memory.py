@@ -5,7 +5,7 @@ applies: ZeRO-1 partitions the optimizer state, ZeRO-2 also the gradients, ZeRO-
 those below `stage3_param_persistence_threshold` that every rank keeps whole. Under ZeRO-3 the MoE block is a
 leaf module (runtime.py): all its experts are gathered at once, so the largest MoE layer is counted whole on
 top of the shards (and its gradients, produced whole in backward before they are reduce-scattered), with the
-prefetch bucket. Offload moves the optimizer state (and its fp32 gradient
+prefetch bucket; the leaf is the whole transformer block holding it (runtime.py says why). Offload moves the optimizer state (and its fp32 gradient
 partition), and under ZeRO-3 the parameter shards, to host memory. Activations are not counted here.
 """
 
@@ -52,13 +52,13 @@ def param_shapes(cfg: RunConfig) -> dict[str, int]:
     return {n: p.numel() for n, p in model.named_parameters()}
 
 
-def moe_leaf_numels(shapes: dict[str, int]) -> dict[str, int]:
-    """Elements of each MoE block (router, routed and shared experts): what ZeRO-3 gathers for a leaf."""
+def block_numels(shapes: dict[str, int]) -> dict[str, int]:
+    """Elements of each transformer block (attention, norms, MoE or dense MLP): ZeRO-3's leaf, gathered whole."""
     out: dict[str, int] = {}
     for name, n in shapes.items():
-        if ".mlp." in name and (".router." in name or ".experts." in name or ".shared." in name):
-            layer = name.split(".mlp.")[0]
-            out[layer] = out.get(layer, 0) + n
+        if name.startswith("layers."):
+            block = ".".join(name.split(".")[:2])
+            out[block] = out.get(block, 0) + n
     return out
 
 
@@ -80,9 +80,9 @@ def zero_memory_plan(cfg: RunConfig, world: int, shapes: dict[str, int] | None =
         )
         (host if e.offload_params == "cpu" else dev)[f"parameters (1/{dp} shards)"] = part * pb
         dev["parameters kept whole (small)"] = small * pb
-        leaves = moe_leaf_numels(shapes)
+        leaves = block_numels(shapes)
         biggest = max(leaves.values(), default=0)
-        dev["gathered MoE leaf layer (all experts)"] = biggest * pb
+        dev["gathered leaf block (attention + all experts)"] = biggest * pb
         dev["its gradients before reduce-scatter"] = biggest * pb
         dev["prefetch bucket"] = min(BUCKETS["stage3_prefetch_bucket_size"], total) * pb
         plan.notes.append(

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from model import MoETransformer
 from model.init import init_value
-from model.moe import MoE
+from model.transformer import Block
 
 from ...config import RunConfig
 from ...parallel import DistInfo, init_by_name
@@ -68,8 +68,12 @@ def build_model(ds: ModuleType, cfg: RunConfig, seed: int, conf: dict[str, Any])
         model = MoETransformer(cfg.model)
     init_partitioned(ds, model, cfg, seed)
     # The MoE block runs a data-dependent subset of its experts, which breaks ZeRO-3's trace-based prefetch
-    # (hangs, DeepSpeed #7461); as a leaf module all its parameters are gathered together before it runs.
-    ds.utils.set_z3_leaf_modules(model, [MoE])
+    # (hangs, DeepSpeed #7461); inside a leaf module all parameters are gathered together before it runs. The
+    # leaf is the whole transformer block holding the MoE (attention + experts, FSDP2's unit in the native
+    # engine): ZeRO-3's hooks on every submodule reorder how autograd sums a tensor's gradient contributions
+    # (q/k/v of one input), so with the MoE alone as the leaf the gradients differ from the native engine's
+    # in the last bits; with the block as the leaf they are bit for bit the same.
+    ds.utils.set_z3_leaf_modules(model, [Block])
     return model
 
 

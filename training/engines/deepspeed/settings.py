@@ -90,6 +90,10 @@ def ds_config(cfg: RunConfig, dp_size: int, on_gpu: bool) -> dict[str, Any]:
         "reduce_scatter": True,
         # Communication overlaps compute on CUDA streams; on CPU there are none to overlap with.
         "overlap_comm": on_gpu,
+        # ZeRO-3's memory-efficient linear replaces torch.nn.functional.linear process-wide (every model, any
+        # engine, until reset) with its own autograd function, whose gradients differ from aten's in the last
+        # bits; kmoe keeps torch's, so ZeRO-3 takes the native engine's steps.
+        "memory_efficient_linear": False,
         **BUCKETS,
     }
     if e.offload_optimizer == "cpu":
