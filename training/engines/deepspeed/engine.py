@@ -7,9 +7,7 @@ loss scaling and stability policy are kmoe's; DeepSpeed owns the gradient reduct
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from typing import Any
 
 import torch
@@ -64,18 +62,16 @@ class DeepSpeedEngine(Engine):
             self.load_state_dict(self._init_state(seed))
 
     def _init_state(self, seed: int) -> dict[str, Any]:
+        """model/init.py's fp32 value of every tensor, in the shape of a full state (no optimizer state)."""
         from model.init import init_value
 
-        full = {n: init_value(n, torch.Size(self._shape(p)), self.cfg.model, seed) for n, p in self.model.named_parameters()}  # fmt: skip
+        full = {}
+        for name, p in self.model.named_parameters():
+            shape = torch.Size(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves an empty placeholder in p
+            full[name] = init_value(name, shape, self.cfg.model, seed)
         for name, buf in zstate.persistent_buffer_items(self.model):
             full[name] = init_value(name, buf.shape, self.cfg.model, seed)
         return {"model": full, "optimizer": {"state": {}, "param_groups": []}}
-
-    @staticmethod
-    def _shape(p: torch.nn.Parameter) -> tuple[int, ...]:
-        return tuple(
-            getattr(p, "ds_shape", p.shape)
-        )  # a ZeRO-3 parameter's own shape is its empty placeholder
 
     # ---- training ------------------------------------------------------------------------------
     def _loss_sum(self, tokens_BS, labels_BS, mask_BS):
@@ -117,7 +113,7 @@ class DeepSpeedEngine(Engine):
         norm = float(self.ds.get_global_grad_norm())
         if not self.ds.was_step_applied():  # DeepSpeed skipped a non-finite gradient and dropped it
             self._zero_load()
-            return StepResult(norm if not math.isfinite(norm) else float("nan"), False, loads.cpu())
+            return StepResult(norm, False, loads.cpu())
         self.model.update_router_bias(loads)  # the same all-reduced load on every rank
         return StepResult(norm, True, loads.cpu())
 
@@ -169,8 +165,3 @@ class DeepSpeedEngine(Engine):
         pg = self.dims.dp_group if group == "dp" else None  # every rank is a data-parallel rank
         dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=pg)
         return t.tolist()
-
-    def close(self) -> None:
-        """Stop DeepSpeed's helper threads (parameter offload leaves one that aborts the interpreter at exit)."""
-        with contextlib.suppress(Exception):
-            self.ds.destroy()
