@@ -17,7 +17,7 @@ export WANDB_QUIET ?= true
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install check test test-full demo clean llama-cpp demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch demo-megatron
+.PHONY: install check test test-full demo clean llama-cpp demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch demo-megatron demo-deepspeed
 
 $(VENV)/.installed: pyproject.toml requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -51,7 +51,7 @@ test-full: check
 # `make demo` ends by printing that table.
 begin = @$(KMOE) demo begin $@ "$(1)" --dir $(DEMO)
 note = @$(KMOE) demo note $@ --dir $(DEMO) $(if $(1),--figure "$(1)")
-demo: install demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch demo-megatron
+demo: install demo-start demo-model demo-data demo-tokenizer demo-train demo-audit demo-quantize demo-launch demo-megatron demo-deepspeed
 	@$(KMOE) demo summary --dir $(DEMO)
 	@echo "demo finished: outputs under $(DEMO)/"
 
@@ -82,6 +82,21 @@ demo-audit: install
 	$(KMOE) model smoke --config configs/model/tiny.yaml --seed 4321 --out $(DEMO)/tiny-seed4321
 	$(KMOE) audit compare $(AUDIT_RUN)/checkpoints/step-00000200 $(DEMO)/tiny-seed4321
 	$(KMOE) audit compare $(AUDIT_RUN)/checkpoints/step-00000200 $(AUDIT_RUN)/checkpoints/step-00000100
+	$(note)
+
+# The deepspeed engine (docs/deepspeed.md): the tiny MoE on the demo shards under ZeRO-3 on 2 gloo ranks for 10
+# steps (its memory plan first), its ledger audited, its last checkpoint exported and checked in transformers.
+DS_RUN := $(DEMO)/runs/tiny-zero3
+DS_TRAIN := --config configs/train/tiny.yaml --set data.shards=$(DEMO)/data --run-dir $(DS_RUN) --set engine.name=deepspeed \
+  --set engine.zero_stage=3 --set train.steps=10 --set train.warmup_steps=2 --set checkpoint.every=5 --set train.eval_every=5
+demo-deepspeed: install
+	@test -f $(DEMO)/data/manifest.json || { echo "demo-deepspeed: $(DEMO)/data/manifest.json missing (make demo-data)"; exit 1; }
+	$(call begin,the DeepSpeed engine: the tiny MoE under ZeRO-3 on 2 ranks for 10 steps; audited; exported)
+	$(KMOE) train $(DS_TRAIN) --dry-run --world-size 2 | tail -n 13
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --standalone --nproc-per-node 2 -m kmoe.cli train $(DS_TRAIN) --resume auto
+	$(KMOE) audit verify $(DS_RUN)
+	$(KMOE) audit init-check $(DS_RUN)
+	$(KMOE) export hf $(DS_RUN)/checkpoints/step-00000010 $(DEMO)/hf-tiny-zero3 --dtype float32 --verify
 	$(note)
 
 # llama-cpp-python is source-only on PyPI: build it once (5-11 min on 2 cores), cache the wheel in the repo,

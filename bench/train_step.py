@@ -1,14 +1,16 @@
-"""Training-step throughput of kmoe's native engine vs transformers' Glm4MoeForCausalLM (and, with --megatron,
-kmoe's megatron-core engine), same config and weights.
+"""Training-step throughput of kmoe's native engine vs transformers' Glm4MoeForCausalLM and kmoe's deepspeed
+engine (ZeRO, one process), and with --megatron kmoe's megatron-core engine, same config and weights.
 
 Prints tokens/s and achieved FLOP/s (model FLOPs per token x tokens/s, model/params.py) as a share of this
 machine's fp32 matmul FLOP/s measured in the same run; both models train one step = forward, backward,
 gradient clip and AdamW on the same token batch, in fp32 on CPU (bf16 autocast on GPU for ours is not used
 here so both run the same precision).
 
-    .venv/bin/python bench/train_step.py [--config configs/train/tiny.yaml] [--steps 5] [--batch 8]
+    .venv/bin/python bench/train_step.py [--config configs/train/tiny.yaml] [--steps 5] [--batch 8] [--zero-stage 3]
     PYTHONPATH=tests/megatron_site .venv/bin/python bench/train_step.py --megatron   # on a CPU machine
 
+The deepspeed engine runs on one process here (ZeRO's partitioning and hooks, without peers to talk to): its
+ratio to the native engine is DeepSpeed's per-step overhead on this model, not a multi-rank scaling figure.
 --megatron adds the megatron engine (one rank) at the same shape and prints its tokens/s against the native
 engine's, measured in the same run. megatron-core needs CUDA; on CPU it runs only under the tests' redirect
 (tests/megatron_site), which this script does not load itself.
@@ -97,6 +99,9 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=7, help="timed steps per model (median reported)")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--megatron", action="store_true", help="also time the megatron-core engine (one rank)")
+    ap.add_argument(
+        "--zero-stage", type=int, default=3, choices=(1, 2, 3), help="ZeRO stage of the deepspeed engine"
+    )
     args = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     cfg = load_run_config(args.config, args.set)
@@ -118,9 +123,17 @@ def main() -> int:
         from transformers import Glm4MoeForCausalLM
 
         hf = Glm4MoeForCausalLM.from_pretrained(str(Path(tmp) / "hf"), dtype=torch.float32).train()
+    # One micro-batch of `batch` sequences per step, as the native step above takes (DeepSpeed checks it).
+    ds_sets = ["engine.name=deepspeed", f"engine.zero_stage={args.zero_stage}", f"train.global_batch_size={batch}",
+               f"train.micro_batch_size={batch}"]  # fmt: skip
+    ds_cfg = load_run_config(args.config, args.set + ds_sets)
+    ds_engine = build_engine(ds_cfg, DistInfo(0, 1, 0, torch.device("cpu")))
+    ds_engine.build(ds_cfg.train.seed)
+    ds_name = f"kmoe deepspeed ZeRO-{args.zero_stage}"
     steps = {
         "kmoe native": ours_step(engine, tokens, cfg.train.lr),
         "transformers Glm4Moe": hf_step(hf, tokens, cfg),
+        ds_name: ours_step(ds_engine, tokens, cfg.train.lr),
     }
     if args.megatron:
         mcfg = load_run_config(args.config, [*args.set, "engine.name=megatron", "model.balance_loss_coeff=0"])
@@ -132,12 +145,13 @@ def main() -> int:
         tps = batch * seq / sec
         achieved = tps * size.flops_train_per_token
         results[name] = tps
-        print(f"{name:<22} {sec * 1e3:8.1f} ms/step  {tps:10,.0f} tokens/s  {achieved / 1e9:7.2f} GFLOP/s  "
+        print(f"{name:<26} {sec * 1e3:8.1f} ms/step  {tps:10,.0f} tokens/s  {achieved / 1e9:7.2f} GFLOP/s  "
               f"= {100 * achieved / peak:5.1f}% of measured fp32 matmul")  # fmt: skip
     ours, theirs = results["kmoe native"], results["transformers Glm4Moe"]
     print(f"kmoe native / transformers tokens/s: {ours / theirs:.2f}x")
     if "kmoe megatron" in results:
         print(f"kmoe megatron / kmoe native tokens/s: {results['kmoe megatron'] / ours:.2f}x")
+    print(f"{ds_name} / kmoe native tokens/s: {results[ds_name] / ours:.2f}x")
     return 0
 
 

@@ -95,4 +95,8 @@ def _dry_run(args: argparse.Namespace, cfg, world: int) -> int:
         from training.memory_plan import format_plan, memory_plan
 
         emit(format_plan(memory_plan(cfg, world)))  # validate() refused it already if it cannot fit
+    elif cfg.engine.name == "deepspeed":
+        from training.engines.deepspeed.memory import plan_lines, zero_memory_plan
+
+        emit("\n".join(plan_lines(zero_memory_plan(cfg, world))))
     return 0

@@ -53,6 +53,21 @@ CASES = [
             ("pp-2", 2, ("parallel.pipeline_parallel=2",)),
         ]
     ),
+    # DeepSpeed ZeRO: one stage in the default suite, the others (and offload) in the full one
+    EngineCase("deepspeed-zero3-2", 2, ("engine.name=deepspeed", "engine.zero_stage=3")),
+    EngineCase("deepspeed-zero1-2", 2, ("engine.name=deepspeed", "engine.zero_stage=1"), full=True),
+    EngineCase("deepspeed-zero2-2", 2, ("engine.name=deepspeed", "engine.zero_stage=2"), full=True),
+    EngineCase(
+        "deepspeed-zero3-offload-2",
+        2,
+        (
+            "engine.name=deepspeed",
+            "engine.zero_stage=3",
+            "engine.offload_optimizer=cpu",
+            "engine.offload_params=cpu",
+        ),
+        full=True,
+    ),  # fmt: skip
 ]
 
 # the one-process runs the cases are compared with, by id
@@ -73,11 +88,22 @@ REFUSED: dict[str, list[tuple[int, tuple[str, ...], str]]] = {
         (2, ("parallel.strategy=single",), "parallel.strategy"),
         (2, ("parallel.strategy=ddp", "parallel.expert_parallel=2"), "parallel.strategy"),
         (4, ("parallel.expert_parallel=3",), "parallel.expert_parallel"),
+        (1, ("engine.zero_stage=3",), "engine.zero_stage"),
+        (1, ("engine.offload_optimizer=cpu",), "engine.offload_optimizer"),
     ],
     "megatron": [
         (2, ("parallel.context_parallel=2",), "parallel.context_parallel"),
         (2, ("parallel.strategy=fsdp",), "parallel.strategy"),
         (1, ("model.balance_loss_coeff=0.01",), "model.balance_loss_coeff"),
         (1, ("model.norm_topk_prob=false",), "model.norm_topk_prob"),
+        (1, ("engine.zero_stage=3",), "engine.zero_stage"),
+    ],
+    "deepspeed": [
+        (2, ("parallel.expert_parallel=2",), "parallel.expert_parallel"),
+        (2, ("parallel.tensor_parallel=2",), "parallel.tensor_parallel"),
+        (2, ("parallel.pipeline_parallel=2",), "parallel.pipeline_parallel"),
+        (2, ("parallel.strategy=fsdp",), "parallel.strategy"),
+        (2, ("engine.zero_stage=0",), "engine.zero_stage"),
+        (2, ("engine.zero_stage=2", "engine.offload_params=cpu"), "engine.offload_params"),
     ],
 }

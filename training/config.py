@@ -62,7 +62,9 @@ class ParallelConfig:
 @dataclass
 class EngineConfig:
     name: Literal["native", "megatron", "deepspeed"] = "native"
-    zero_stage: int = 1  # deepspeed only
+    zero_stage: int = 1  # deepspeed: 1 shards optimizer state, 2 also gradients, 3 also parameters
+    offload_optimizer: Literal["none", "cpu"] = "none"  # deepspeed: optimizer state and its step on the CPU
+    offload_params: Literal["none", "cpu"] = "none"  # deepspeed ZeRO-3: parameters kept on the CPU
 
 
 @dataclass

@@ -114,14 +114,12 @@ def sharded_digests(state: Mapping[str, Any], group: Any = None) -> dict[str, st
     """
     if not (dist.is_available() and dist.is_initialized()):
         return combine_named([local_pieces(state)])
-    return digests_of_pieces(local_pieces(state, dist.get_rank(group), dist.get_world_size(group)), group)
+    return gather_combine(local_pieces(state, dist.get_rank(group), dist.get_world_size(group)), group)
 
 
-def digests_of_pieces(mine: NamedPieces, group: Any = None) -> dict[str, str]:
-    """Combine every rank's pieces (hashes only) on the group's first rank; the digests, on every rank.
-
-    For engines that place their shards themselves (the megatron engine's blocks of kmoe tensors).
-    """
+def gather_combine(mine: NamedPieces, group: Any = None) -> dict[str, str]:
+    """Digests from every rank's pieces (`mine` here): gathered to the group's first rank as hashes, combined,
+    broadcast. Collective over `group` (default: the world); on one process, just `mine`."""
     if not (dist.is_available() and dist.is_initialized()):
         return combine_named([mine])
     rank, world = dist.get_rank(group), dist.get_world_size(group)

@@ -105,6 +105,11 @@ def layout(cfg: RunConfig, world: int) -> dict[str, Any]:
     """The parallel layout as a user reads it (dry run, ledger, checkpoints); what `validate` accepted."""
     sz, t = parallel_sizes(cfg, world), cfg.train
     strategy = native_strategy(cfg, world) if cfg.engine.name == "native" else cfg.engine.name
+    extra: dict[str, Any] = {}
+    if cfg.engine.name == "deepspeed":
+        e = cfg.engine
+        strategy = f"zero{e.zero_stage}"
+        extra["offload"] = {"optimizer": e.offload_optimizer, "params": e.offload_params}
     return {
         "engine": cfg.engine.name,
         "strategy": strategy,
@@ -121,4 +126,5 @@ def layout(cfg: RunConfig, world: int) -> dict[str, Any]:
         "precision": t.precision,
         "activation_checkpointing": t.activation_checkpointing,
         "compile": t.compile,
+        **extra,
     }

@@ -19,15 +19,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     for _, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (decay if p.ndim >= 2 else no_decay).append(p)
+        (decay if _ndim(p) >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay, "name": "decay"}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0, "name": "no_decay"})
     return groups
 
 
+def _ndim(p: torch.Tensor) -> int:
+    # A ZeRO-3 partitioned parameter is an empty placeholder; DeepSpeed keeps its real shape in `ds_shape`.
+    return len(getattr(p, "ds_shape", p.shape))
+
+
 def no_decay_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad and p.ndim < 2]
+    return [n for n, p in model.named_parameters() if p.requires_grad and _ndim(p) < 2]
 
 
 def build_optimizer(model: nn.Module, t: TrainConfig) -> torch.optim.Optimizer:

@@ -1,4 +1,5 @@
-"""Training engines: one interface (base.py), the native PyTorch engine (native.py), megatron-core (megatron/)."""
+"""Training engines: one interface (base.py), the native PyTorch engine (native.py), megatron-core (megatron/),
+DeepSpeed ZeRO (deepspeed/)."""
 
 from ..dims import ParallelDims
 from .base import Engine, LossStats, MicroBatch, StepResult
@@ -16,4 +17,10 @@ def build_engine(cfg, dist) -> Engine:
         from .megatron.engine import MegatronEngine
 
         return MegatronEngine(cfg, dist)
-    raise ValueError(f"engine.name: {cfg.engine.name!r} is not implemented yet (available: native, megatron)")
+    if cfg.engine.name == "deepspeed":
+        from .deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(cfg, dist)
+    raise ValueError(
+        f"engine.name: {cfg.engine.name!r} is not implemented (available: native, megatron, deepspeed)"
+    )

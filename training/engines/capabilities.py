@@ -50,7 +50,21 @@ CAPABILITIES: dict[str, EngineCapabilities] = {
         },
         check="training.engines.megatron.spec:check_run",
     ),
-    "deepspeed": EngineCapabilities(implemented=False),
+    "deepspeed": EngineCapabilities(
+        implemented=True,
+        strategies=frozenset({"auto"}),  # it shards by engine.zero_stage
+        options={
+            "zero_stage": frozenset({1, 2, 3}),
+            "offload_optimizer": frozenset({"none", "cpu"}),
+            "offload_params": frozenset({"none", "cpu"}),
+        },
+        hints={
+            "parallel": "it runs ZeRO data parallelism (engine.zero_stage); kmoe's experts are plain parameters "
+            "there: expert, tensor and pipeline parallelism need engine.name=native (EP) or megatron",
+            "parallel.strategy": "it shards by engine.zero_stage (leave parallel.strategy at auto)",
+        },
+        check="training.engines.deepspeed.settings:validate_deepspeed",
+    ),
 }
 
 
@@ -71,6 +85,7 @@ def check_engine(cfg: Any, world_size: int | None = None) -> None:
         raise ConfigError(
             f"parallel.strategy: {p.strategy!r} is not implemented by the {name} engine "
             f"(it runs: {', '.join(sorted(cap.strategies))})"
+            + (f"; {cap.hints['parallel.strategy']}" if "parallel.strategy" in cap.hints else "")
         )
     if world_size is not None and world_size > 1 and p.strategy == "single":
         raise ConfigError(f"parallel.strategy: 'single' with {world_size} ranks; use ddp or fsdp")
@@ -82,9 +97,6 @@ def check_engine(cfg: Any, world_size: int | None = None) -> None:
                 f"parallel.{dim}: {size} is not implemented by the {name} engine"
                 + (f"; {hint}" if hint else "")
             )
-    if cap.check:
-        module, func = cap.check.split(":")
-        getattr(importlib.import_module(module), func)(cfg)
     defaults = type(cfg.engine)()
     for f in fields(cfg.engine):
         if f.name == "name":
@@ -95,5 +107,12 @@ def check_engine(cfg: Any, world_size: int | None = None) -> None:
         if accepted is not None:
             hint = f"it accepts {', '.join(map(repr, sorted(accepted)))}"
         else:
-            hint = f"{cap.hints.get(f'engine.{f.name}', 'it does not read it')}; leave it at {getattr(defaults, f.name)!r}"
+            owners = [n for n, c in CAPABILITIES.items() if f.name in c.options]
+            default_hint = (
+                f"a setting of engine.name={' or '.join(owners)}" if owners else "it does not read it"
+            )
+            hint = f"{cap.hints.get(f'engine.{f.name}', default_hint)}; leave it at {getattr(defaults, f.name)!r}"
         raise ConfigError(f"engine.{f.name}: {value!r} is not implemented by the {name} engine; {hint}")
+    if cap.check:
+        module, func = cap.check.split(":")
+        getattr(importlib.import_module(module), func)(cfg)

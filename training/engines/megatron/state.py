@@ -22,7 +22,7 @@ from kmoe.hashing import DigestError, TensorMeta, box_pieces
 from model.transformer import MoETransformer
 
 from ... import optim
-from ...digests import digests_of_pieces
+from ...digests import gather_combine
 from .convert import ConversionError, expected_shapes, to_megatron
 from .shard import kmoe_blocks, local_state_from_full
 
@@ -214,7 +214,7 @@ def param_digests(cfg, built) -> dict[str, str]:
         (name, box_pieces(TensorMeta("float32", shapes[name]), off, blk.detach().float().cpu()))
         for name, off, blk in _blocks(cfg, built, weights)
     ]
-    digests = digests_of_pieces(mine)
+    digests = gather_combine(mine)
     missing = sorted(set(shapes) - set(digests))
     if missing:
         raise DigestError(f"tensor '{missing[0]}' is held by no rank ({len(missing)} missing)")
