@@ -16,10 +16,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from training.toy_shards import write_toy_shards
+from toy_shards import write_toy_shards
 
 from kmoe.cli import main
-from training.config import ENGINE_PARALLEL
 from training.ledger_chain import LEDGER_FILE, read_lines
 
 pytestmark = [pytest.mark.distributed, pytest.mark.full]
@@ -28,7 +27,7 @@ CONFIG = str(REPO / "configs/train/toy.yaml")
 # constant lr: a run trained 5 steps and continued to 10 follows the uninterrupted 10-step schedule
 SETS = ["parallel.strategy=fsdp", "train.micro_batch_size=2", "train.schedule=constant", "train.warmup_steps=0",
         "train.eval_every=0", "checkpoint.every=5"]  # fmt: skip
-EP = 2 if "expert_parallel" in ENGINE_PARALLEL["native"] else 1  # experts on 2 ranks, FSDP2 over 2 more
+EP = 2  # experts on 2 ranks, FSDP2 over 2 more
 
 
 def ep_for(n: int) -> str:

@@ -32,7 +32,14 @@ REFUSED = [
         "parallel.context_parallel: 2 is not implemented by the megatron engine",
     ),
     (["engine.name=megatron"], "model.balance_loss_coeff: megatron's seq_aux_loss"),
-    (["engine.name=deepspeed"], "engine.name: the 'deepspeed' engine is not implemented"),
+    (
+        ["engine.name=deepspeed", "parallel.expert_parallel=2"],
+        "parallel.expert_parallel: 2 is not implemented by the deepspeed engine",
+    ),
+    (
+        ["engine.offload_optimizer=cpu"],
+        "engine.offload_optimizer: 'cpu' is not implemented by the native engine; a setting of engine.name=deepspeed",
+    ),
     (["engine.zero_stage=3"], "engine.zero_stage: 3 is not implemented by the native engine"),
     (["parallel.tensor_parallel=2"], "parallel.tensor_parallel: 2 is not implemented by the native engine"),
     (
@@ -65,7 +72,7 @@ def test_missing_data_is_refused_before_anything_is_written(tmp_path, capsys):
 def test_the_capability_table_is_what_validate_checks():
     from training.engines.capabilities import CAPABILITIES, implemented_engines
 
-    assert implemented_engines() == ["megatron", "native"]
+    assert implemented_engines() == ["deepspeed", "megatron", "native"]
     assert set(CAPABILITIES) == set(
         get_args(get_type_hints(EngineConfig)["name"])
     )  # every engine has an entry

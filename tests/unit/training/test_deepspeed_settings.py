@@ -84,9 +84,9 @@ def test_memory_plan_shards_what_each_stage_shards():
         12 * total / 4, rel=1e-3
     )
     assert z3.device["parameters (1/4 shards)"] + z3.device["parameters kept whole (small)"] < 4 * total / 2
-    # ZeRO-3 gathers a whole MoE layer (every expert) at once: the plan counts it
+    # ZeRO-3 gathers a whole transformer block (attention and every expert) at once: the plan counts it
     leaf = max(block_numels(shapes).values())
-    assert z3.device["gathered MoE leaf layer (all experts)"] == 4 * leaf
+    assert z3.device["gathered leaf block (attention + all experts)"] == 4 * leaf
     assert (
         leaf > 8 * 3 * 256 * 256
     )  # 8 experts x (gate, up, down) of 256 x 256, plus router and shared expert

@@ -17,7 +17,7 @@ from training.engines.megatron.spec import Layout, check_expressible, moe_layer_
 CFG = ModelConfig(
     vocab_size=64, hidden_size=32, num_layers=3, num_heads=4, num_kv_heads=2, first_k_dense=1,
     dense_intermediate_size=48, num_experts=4, num_experts_per_tok=2, expert_intermediate_size=16,
-    qk_norm=True, rotary_fraction=0.5,
+    qk_norm=True, rotary_fraction=0.5, balance_loss_coeff=0.0,  # megatron refuses kmoe's balance loss
 )  # fmt: skip
 
 

@@ -8,11 +8,10 @@ import pytest
 from kmoe.cli import main
 from kmoe.configtree import ConfigError
 from model.params import model_size
-from training.config import ENGINE_PARALLEL, load_run_config, validate
+from training.config import load_run_config, validate
 from training.memory_plan import GIB, memory_plan
 
 CONFIGS = Path(__file__).resolve().parents[3] / "configs/train"
-EP = "expert_parallel" in ENGINE_PARALLEL["native"]
 
 
 def test_state_is_sixteen_bytes_a_parameter_sharded_by_fsdp_and_whole_under_ddp():
@@ -56,9 +55,6 @@ def test_a_layout_that_cannot_fit_is_refused_naming_the_key(capsys):
     validate(cpu, world_size=4)  # CPU ranks: no GPU memory to hold it to
 
 
-@pytest.mark.skipif(
-    not EP, reason="the layout shards experts (parallel.expert_parallel), issue 14's native EP"
-)
 def test_solar100b_dry_run_fits_64_gpus_and_is_refused_on_16(capsys):
     config = str(CONFIGS / "solar100b.yaml")
     assert main(["train", "--config", config, "--dry-run"]) == 0

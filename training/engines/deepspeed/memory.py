@@ -2,10 +2,10 @@
 
 Counted per tensor of kmoe's model (built on the meta device, so nothing is allocated) with the rules DeepSpeed
 applies: ZeRO-1 partitions the optimizer state, ZeRO-2 also the gradients, ZeRO-3 also the parameters, except
-those below `stage3_param_persistence_threshold` that every rank keeps whole. Under ZeRO-3 the MoE block is a
-leaf module (runtime.py): all its experts are gathered at once, so the largest MoE layer is counted whole on
-top of the shards (and its gradients, produced whole in backward before they are reduce-scattered), with the
-prefetch bucket; the leaf is the whole transformer block holding it (runtime.py says why). Offload moves the optimizer state (and its fp32 gradient
+those below `stage3_param_persistence_threshold` that every rank keeps whole. Under ZeRO-3 each transformer
+block is a leaf module (runtime.py says why): its attention and all its experts are gathered at once, so the
+largest block is counted whole on top of the shards (and its gradients, produced whole in backward before they
+are reduce-scattered), with the prefetch bucket. Offload moves the optimizer state (and its fp32 gradient
 partition), and under ZeRO-3 the parameter shards, to host memory. Activations are not counted here.
 """
 
@@ -86,7 +86,7 @@ def zero_memory_plan(cfg: RunConfig, world: int, shapes: dict[str, int] | None =
         dev["its gradients before reduce-scatter"] = biggest * pb
         dev["prefetch bucket"] = min(BUCKETS["stage3_prefetch_bucket_size"], total) * pb
         plan.notes.append(
-            f"largest MoE layer gathered whole: {biggest:,} elements of {len(leaves)} MoE layer(s)"
+            f"largest transformer block gathered whole: {biggest:,} elements (of {len(leaves)} blocks)"
         )
     grads = total if e.zero_stage == 1 else shard
     bucket = min(BUCKETS["reduce_bucket_size"], total) * GRAD_BYTES

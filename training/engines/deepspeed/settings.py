@@ -1,7 +1,8 @@
 """The DeepSpeed config a kmoe run config implies, and the checks of `engine.*` for the deepspeed engine (pure).
 
 kmoe's trainer keeps what it owns (the lr schedule, loss scaling, data, stability policy); DeepSpeed gets the
-ZeRO stage, offload, precision, micro-batching and gradient clipping. Nothing here imports deepspeed.
+ZeRO stage, offload, precision, micro-batching and gradient clipping. Nothing here imports deepspeed. `validate_deepspeed` is the engine's own check in the capability table
+(training/engines/capabilities.py).
 """
 
 from __future__ import annotations
@@ -55,19 +56,6 @@ def validate_deepspeed(cfg: RunConfig) -> None:
         raise ConfigError(
             "train.activation_checkpointing: not implemented by the deepspeed engine (set it false)"
         )
-
-
-def validate_engine_options(cfg: RunConfig) -> None:
-    """Refuse deepspeed-only `engine.*` settings under another engine (they would be silently ignored)."""
-    if cfg.engine.name == "deepspeed":
-        validate_deepspeed(cfg)
-        return
-    e = cfg.engine
-    for key, default in (("zero_stage", 1), ("offload_optimizer", "none"), ("offload_params", "none")):
-        if getattr(e, key) != default:
-            raise ConfigError(
-                f"engine.{key}: a deepspeed engine setting, but engine.name is {e.name!r} (set engine.name=deepspeed)"
-            )
 
 
 def grad_accumulation(cfg: RunConfig, dp_size: int) -> int:
