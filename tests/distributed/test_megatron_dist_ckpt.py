@@ -74,7 +74,7 @@ def _run(shards: str, path: str, save: bool, *layout: str) -> dict:
 @pytest.mark.full
 @pytest.mark.distributed
 def test_saved_at_ep2_loads_at_ep1_and_tp2(tmp_path):
-    from training.toy_shards import write_toy_shards
+    from toy_shards import write_toy_shards
 
     shards, ckpt = str(write_toy_shards(tmp_path / "toy", n_docs=80)), str(tmp_path / "ckpt")
     saved = run_ranks(_run, 2, shards, ckpt, True, "parallel.expert_parallel=2")

@@ -58,7 +58,7 @@ def router_bias(run_dir: Path, step: int) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> str:
-    from training.toy_shards import write_toy_shards
+    from toy_shards import write_toy_shards
 
     return str(write_toy_shards(tmp_path_factory.mktemp("toy"), n_docs=150))
 

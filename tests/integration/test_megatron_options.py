@@ -44,7 +44,7 @@ def _steps(shards: str, checkpointing: bool) -> tuple[list[tuple[float, float, l
 
 @pytest.mark.full
 def test_activation_checkpointing_changes_nothing(tmp_path):
-    from training.toy_shards import write_toy_shards
+    from toy_shards import write_toy_shards
 
     shards = str(write_toy_shards(tmp_path / "toy", n_docs=60))
     ((plain, plain_calls),) = run_ranks(_steps, 1, shards, False)
