@@ -45,7 +45,14 @@ def train(d: Path) -> str:
         r for r in _jsonl(d / "runs/tiny/metrics.jsonl") if "loss" in r and "step" in r and "event" not in r
     ]
     first, last = rows[0], rows[-1]
-    return f"{last['step']} steps, train loss {first['loss']:.2f} -> {last['loss']:.2f}"
+    balance = [r for r in rows if "expert_max_cv" in r]
+    dead = sum(r["expert_dead_frac"] > 0 for r in balance if r["step"] > 10)
+    cv = (
+        f"; final load CV {balance[-1]['expert_max_cv']:.3f}, {dead} windows with an idle expert"
+        if balance
+        else ""
+    )
+    return f"{last['step']} steps, train loss {first['loss']:.2f} -> {last['loss']:.2f}{cv}"
 
 
 def audit(d: Path) -> str:

@@ -1,11 +1,12 @@
 """A private SLURM cluster on this machine: munged, slurmctld and one slurmd per emulated node, all state under
 one folder.
 
-All but munged's socket: munged refuses a socket below any folder that not every user may enter (a checkout
-under a 0700 home or `mktemp -d` folder) and the socket path must fit AF_UNIX's 108 bytes, so the socket goes
-to a folder of its own under /run (else the temp dir), named by the cluster root's hash and recorded in
-`<root>/slurm.conf` (AuthInfo=socket=...). `unavailable()` says before anything starts when no such folder is
-possible.
+All but the sockets: munged refuses a socket below any folder that not every user may enter (a checkout
+under a 0700 home or `mktemp -d` folder), and every socket path must fit AF_UNIX's 108 bytes (slurmstepd makes
+one per job step in the slurmd spool, `<spool>/<node>/<node>_<job>.<step>`, which a checkout under a long
+path overflows). So munged's socket and the slurmd spools go to a folder of its own under /run (else the temp
+dir), named by the cluster root's hash and recorded in `<root>/slurm.conf` (AuthInfo=socket=...,
+SlurmdSpoolDir=...). `unavailable()` says before anything starts when no such folder is possible.
 
 For the launch tests and for trying `kmoe launch slurm` on one machine (Debian: `apt-get install
 slurm-wlm`). It needs root (slurmd starts job steps as their user) but no systemd and no cgroups: processes
@@ -52,7 +53,7 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={socket},cred_expire={requeue_delay}
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool/%n
+SlurmdSpoolDir={spool}/%n
 SlurmctldPidFile={root}/run/slurmctld.pid
 SlurmdPidFile={root}/run/slurmd-%n.pid
 SlurmctldLogFile={root}/log/slurmctld.log
@@ -156,6 +157,7 @@ class LocalSlurm:
         self.host = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.munge_socket = munge_socket(self.root)
+        self.spool = self.munge_socket.parent / "spool"  # short paths for slurmstepd's sockets
         # One node keeps this machine's name; emulated nodes are n1..nN (each node's CPUs are all of them).
         self.nodes = [self.host] if nodes == 1 else [f"n{i}" for i in range(1, nodes + 1)]
 
@@ -184,7 +186,7 @@ class LocalSlurm:
         self._start_munge()
         self._run(["slurmctld", "-f", str(self.conf)])
         for node in self.nodes:
-            (self.root / "spool" / node).mkdir(parents=True, exist_ok=True)
+            (self.spool / node).mkdir(parents=True, exist_ok=True)
             self._run(["slurmd", "-f", str(self.conf), "-N", node])
         if not _until(self._node_up, timeout):
             raise RuntimeError(
@@ -201,8 +203,7 @@ class LocalSlurm:
 
     def _prepare(self) -> None:
         # munged refuses a socket folder that others cannot enter and a key that others can read.
-        for sub, mode in (("", 0o755), ("run", 0o755), ("log", 0o755), ("state", 0o700), ("spool", 0o755),
-                          ("munge", 0o700)):  # fmt: skip
+        for sub, mode in (("", 0o755), ("run", 0o755), ("log", 0o755), ("state", 0o700), ("munge", 0o700)):  # fmt: skip
             (self.root / sub).mkdir(parents=True, exist_ok=True)
             (self.root / sub).chmod(mode)
         self.munge_socket.parent.mkdir(mode=0o755, exist_ok=True)
@@ -218,6 +219,7 @@ class LocalSlurm:
             SLURM_CONF.format(
                 root=self.root,
                 socket=self.munge_socket,
+                spool=self.spool,
                 host=self.host,
                 ctld_port=_free_port(),
                 requeue_delay=REQUEUE_DELAY_S,

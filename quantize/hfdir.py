@@ -18,7 +18,11 @@ SIDE_FILES = ("config.json", "generation_config.json", *TOKENIZER_FILES)
 
 
 def is_kmoe_checkpoint(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "model.safetensors").is_file()
+    """A kmoe checkpoint: config.yaml with model.safetensors (whole) or model/ shard files (sharded)."""
+    from model.checkpoint import MODEL_FILE, SHARD_DIR
+
+    weights = (path / MODEL_FILE).is_file() or any((path / SHARD_DIR).glob("*.safetensors"))
+    return (path / "config.yaml").is_file() and weights
 
 
 def source_tokenizer(source: Path, tokenizer: str | Path | None) -> str | Path | None:

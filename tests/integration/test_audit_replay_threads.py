@@ -52,17 +52,17 @@ def run_dir(shards, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_on_another_batch(shards, tmp_path_factory) -> Path:
     """Step 7 trained on batch 8's tokens while its record names batch 7 (indices and hash)."""
-    micro_batches = Trainer._micro_batches
+    train_step = Trainer._train_step  # trains on a batch; apply_batch records the batch it was given
 
     def swapped(self, batch):
         if self.state.step + 1 == ALTERED:
             other = self.data.global_batch(batch.index + 1)
             batch = type(batch)(**{**batch.__dict__, "tokens_GS": other.tokens_GS, "labels_GS": other.labels_GS,
                                    "loss_mask_GS": other.loss_mask_GS})  # fmt: skip
-        return micro_batches(self, batch)
+        return train_step(self, batch)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(Trainer, "_micro_batches", swapped)
+        m.setattr(Trainer, "_train_step", swapped)
         return train(shards, tmp_path_factory.mktemp("runs") / "toy")
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from toy_runs import one_process, toy_config
 
@@ -189,16 +190,17 @@ def test_forged_appended_record_is_found(run_dir, tmp_path, capsys):
 
 def test_replaced_checkpoint_tensor_file_is_found(run_dir, tmp_path, capsys):
     run = clone(run_dir, tmp_path)
-    target = run / "checkpoints/step-00000006/model.safetensors"
+    target = run / "checkpoints/step-00000006/model/shard-00000.safetensors"
+    with safe_open(str(target), "pt") as f:
+        meta = f.metadata()  # DCP's offsets: a well-formed shard file, only one tensor changed
     state = load_file(str(target))
     state["norm.weight"] = state["norm.weight"] + 1e-3
     target.unlink()
-    save_file(state, str(target))
+    save_file(state, str(target), metadata=meta)
     rc, out = verify(run, capsys)
     k = first_seq(records(run), "checkpoint", step=6)
-    assert rc == 1 and f"seq {k} " in out and "model.safetensors does not match its recorded sha256" in out, (
-        out
-    )
+    assert rc == 1 and f"seq {k} " in out, out
+    assert "model/shard-00000.safetensors does not match its recorded sha256" in out, out
 
 
 def test_resigned_with_a_different_key_is_found(run_dir, tmp_path, capsys):
@@ -281,7 +283,8 @@ def test_ledger_records_what_an_auditor_needs(run_dir):
     assert len(step["expert_load"]["per_expert"]) == 4  # the toy model's experts
     ck = next(r for r in recs if r["kind"] == "checkpoint")
     assert set(ck["roots"]) == {"model", "optimizer", "rng", "data"}
-    assert set(ck["files"]) >= {"model.safetensors", "digests.json", "config.yaml", "optimizer.safetensors"}
+    assert set(ck["files"]) >= {"model/shard-00000.safetensors", "digests.json", "config.yaml",
+                                "optimizer/shard-00000.safetensors", "rng.safetensors"}  # fmt: skip
     digests = json.loads((run_dir / ck["path"] / "digests.json").read_text())
     assert digests["merkle_root"] == ck["roots"]["model"]
 

@@ -20,6 +20,7 @@ CFG = dict(
     vocab_size=128, hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=2, first_k_dense=1,
     dense_intermediate_size=96, num_experts=4, num_experts_per_tok=2, expert_intermediate_size=32,
     num_shared_experts=1, qk_norm=True, rotary_fraction=0.5, rope_theta=5000.0, bias_update_rate=RATE,
+    balance_loss_coeff=0.0,  # megatron refuses kmoe's balance loss (docs/megatron.md)
 )  # fmt: skip
 
 

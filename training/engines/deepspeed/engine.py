@@ -148,7 +148,10 @@ class DeepSpeedEngine(Engine):
 
     # ---- state ---------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        return zstate.gathered_state(self.ds_lib, self.model, self.optimizer, self.info.is_main)
+        """Full tensors on every rank (gathered one tensor at a time): the trainer's sharded checkpoint writes
+        each once (DCP deduplicates replicated tensors) and every rank loads them back whole, as ZeRO's
+        `safe_set_full_*` calls take them. The DeepSpeed-format shards (checkpoint.py) avoid the full copy."""
+        return zstate.gathered_state(self.ds_lib, self.model, self.optimizer, True)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         zstate.load_full_state(
