@@ -4,6 +4,8 @@ Identities checked (a failure is a bug, never a user error):
   per step:   in = kept + sum(removed) + sum(errors)
   chained:    in(step k+1) = kept(step k)
   overall:    records read = kept in shards + removed(all steps, by reason) + errors(all steps, by reason)
+and the same three per source, over the steps that count per source (`by_source`; every step run by
+DocStep does): stats.json `by_source` gives each source's in, kept, and removed/errors per step.
 """
 
 from __future__ import annotations
@@ -21,13 +23,46 @@ class AccountingError(RuntimeError):
 
 def _merge(files: list[Path]) -> dict:
     total = {"in": 0, "kept": 0, "removed": Counter(), "errors": Counter(), "notes": Counter()}
+    by_source: dict[str, Counter] = {}
     for f in files:
         d = json.loads(f.read_text())
         total["in"] += d["in"]
         total["kept"] += d["kept"]
         for k in ("removed", "errors", "notes"):
             total[k].update(d[k])
-    return {k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in total.items()}
+        for src, c in d.get("by_source", {}).items():
+            by_source.setdefault(src, Counter()).update(c)
+    out = {k: dict(sorted(v.items())) if isinstance(v, Counter) else v for k, v in total.items()}
+    if by_source:
+        out["by_source"] = {s: dict(sorted(c.items())) for s, c in sorted(by_source.items())}
+    return out
+
+
+def _source_steps(steps: dict) -> list[str]:
+    """The leading run of steps that count per source (a step that does not ends the per-source chain)."""
+    names = []
+    for name in [s for s in STEP_ORDER if s in steps]:
+        if "by_source" not in steps[name] and steps[name]["in"]:
+            break
+        names.append(name)
+    return names
+
+
+def by_source(steps: dict) -> dict:
+    """Per source: in (read), kept after the last step that counts per source, removed/errors per step."""
+    names = _source_steps(steps)
+    out: dict[str, dict] = {}
+    for i, name in enumerate(names):
+        for src, c in steps[name].get("by_source", {}).items():
+            o = out.setdefault(src, {"in": 0, "kept": 0, "removed": {}, "errors": {}})
+            if i == 0:
+                o["in"] = c.get("in", 0)
+            if i == len(names) - 1:
+                o["kept"] = c.get("kept", 0)
+            for k in ("removed", "errors"):
+                if c.get(k):
+                    o[k][name] = c[k]
+    return {"through": names[-1] if names else "", "sources": out}
 
 
 def merge_stats(out_dir: str | Path) -> dict:
@@ -54,7 +89,12 @@ def merge_stats(out_dir: str | Path) -> dict:
     pii: Counter[str] = Counter()
     for d in steps.values():
         pii.update({k.split(":", 1)[1]: v for k, v in d["notes"].items() if k.startswith("pii:")})
-    return {"steps": steps, "overall": overall, "pii": dict(sorted(pii.items()))}
+    return {
+        "steps": steps,
+        "overall": overall,
+        "pii": dict(sorted(pii.items())),
+        "by_source": by_source(steps),
+    }
 
 
 def check(stats: dict) -> None:
@@ -72,6 +112,23 @@ def check(stats: dict) -> None:
     total = o["kept"] + sum(o["removed"].values()) + sum(o["errors"].values())
     if total != o["in"]:
         raise AccountingError(f"overall: in {o['in']} != kept+removed+errors {total}")
+    _check_sources(stats["steps"])
+
+
+def _check_sources(steps: dict) -> None:
+    prev: dict[str, int] | None = None
+    for name in _source_steps(steps):
+        per = steps[name].get("by_source", {})
+        for src, c in per.items():
+            if c.get("in", 0) != c.get("kept", 0) + c.get("removed", 0) + c.get("errors", 0):
+                raise AccountingError(f"step {name}, source {src}: in != kept+removed+errors ({c})")
+        if prev is not None:
+            now = {s: c.get("in", 0) for s, c in per.items() if c.get("in", 0)}
+            if now != {s: n for s, n in prev.items() if n}:
+                raise AccountingError(
+                    f"step {name}: in per source {now} != kept per source of the step before"
+                )
+        prev = {s: c.get("kept", 0) for s, c in per.items()}
 
 
 def table(stats: dict) -> str:

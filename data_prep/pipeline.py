@@ -1,7 +1,8 @@
 """`kmoe data build`: the stages as datatrove pipelines, run by LocalPipelineExecutor or SlurmPipelineExecutor.
 
   text      (executor.tasks tasks)  read -> decode -> normalize -> langid -> quality -> pii -> work/text/<rank>
-  dedup     (1 task)                merge by global order -> exact + MinHash-LSH dedup -> corpus/kept/<lang>/
+  dedup-*   (executor.tasks tasks)  signatures -> exact (by hash prefix) -> LSH buckets (band ranges) ->
+            clusters (1 task) -> dedup filter -> corpus/kept/<lang>/<rank>-<part>  (data_prep/steps/dedup_dist.py)
   tokenizer (1 task, if training)   train_tokenizer(OUT/corpus, ...) -> OUT/tokenizer
   shards    (1 task per language)   mix budget + tokenize -> shards/<lang>.bin/.idx
   finalize  (1 task)                stats.json (accounting checked) + manifest.json
@@ -25,10 +26,11 @@ from data_prep.shards import ShardStep
 from data_prep.sources.demo import fetch
 from data_prep.sources.files import preflight
 from data_prep.sources.reader import ReadStep
-from data_prep.stages import KeptWriter, Stage1Reader, Stage1Writer
+from data_prep.stages import KeptWriter, Stage1Writer, TextPartReader
 from data_prep.steps.base import DocStep
 from data_prep.steps.decode import DecodeStep
-from data_prep.steps.dedup import DedupStep
+from data_prep.steps.dedup import DedupFilter
+from data_prep.steps.dedup_dist import ClusterTask, DedupSignatures, ExactDedupTask, LshBucketTask
 from data_prep.steps.langid import LangIdStep
 from data_prep.steps.normalize import NormalizeStep
 from data_prep.steps.pii import PiiStep
@@ -132,8 +134,7 @@ def stages(cfg: DataConfig, out: Path, roots: list[str], tokenizer) -> list[tupl
     """(name, pipeline, tasks, workers) in order. `tokenizer`: a directory or an in-process object."""
     tok_arg = tokenizer
     result = [("text", text_pipeline(cfg, out, roots), cfg.executor.tasks, cfg.executor.workers)]
-    dedup = [Stage1Reader(out), DedupStep(out, cfg.dedup), KeptWriter(out, cfg.shard_docs)]
-    result.append(("dedup", _redacting(cfg, dedup), 1, 1))
+    result += dedup_stages(cfg, out)
     if tokenizer is None:
         result.append(("tokenizer", [TrainTokenizerStep(out, cfg.tokenizer.train)], 1, 1))
         tok_arg = str(out / "tokenizer")
@@ -142,6 +143,21 @@ def stages(cfg: DataConfig, out: Path, roots: list[str], tokenizer) -> list[tupl
     shards = [ShardStep(out, list(LANGS), tok_arg, cfg.mix.max_tokens, cfg.pii)]
     result.append(("shards", shards, len(LANGS), shard_workers))
     result.append(("finalize", [FinalizeStep(out, cfg, tok_arg)], 1, 1))
+    return result
+
+
+def dedup_stages(cfg: DataConfig, out: Path) -> list[tuple[str, list, int, int]]:
+    """The dedup stages: every one but the clustering runs as parallel tasks; the text tasks' split is kept
+    (signature and filter task t read text task t), the exact and bucket tasks split hash prefixes and bands."""
+    d, tasks, workers = cfg.dedup, cfg.executor.tasks, cfg.executor.workers
+    result = [("dedup-signatures", [TextPartReader(out), DedupSignatures(out, d, tasks)], tasks, workers)]
+    if d.exact:
+        result.append(("dedup-exact", [ExactDedupTask(out, d, tasks)], tasks, workers))
+    if d.near:
+        result.append(("dedup-buckets", [LshBucketTask(out, d, tasks)], min(tasks, d.bands), workers))
+    result.append(("dedup-clusters", [ClusterTask(out, d, tasks)], 1, 1))
+    keep = [TextPartReader(out), DedupFilter(out), KeptWriter(out, cfg.shard_docs)]
+    result.append(("dedup", _redacting(cfg, keep), tasks, workers))
     return result
 
 

@@ -1,8 +1,7 @@
-"""Glue steps between stages: the text stage's output, its order-preserving merge, the kept-corpus writer."""
+"""Glue steps between stages: the text stage's output, its reader for the dedup tasks, the kept-corpus writer."""
 
 from __future__ import annotations
 
-import heapq
 from collections import defaultdict
 from pathlib import Path
 
@@ -35,8 +34,9 @@ class Stage1Writer(PipelineStep):
         return iter(())
 
 
-class Stage1Reader(PipelineStep):
-    """Merges every text-stage file by global order key (each file is already sorted)."""
+class TextPartReader(PipelineStep):
+    """Reads text task `rank`'s output (OUT/work/text/<rank>.jsonl.gz), in its order: the dedup stages run as
+    many tasks as the text stage, task t on text task t's documents."""
 
     type = "kmoe"
     name = "text-in"
@@ -46,13 +46,14 @@ class Stage1Reader(PipelineStep):
         self.out_dir = str(out_dir)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        files = sorted(stage1_dir(self.out_dir).glob("*.jsonl.gz"))
-        streams = [(Doc.from_json(d) for d in read_jsonl_gz(f)) for f in files]
-        yield from heapq.merge(*streams, key=lambda d: d.order)
+        for d in read_jsonl_gz(stage1_dir(self.out_dir) / f"{rank:05d}.jsonl.gz"):
+            yield Doc.from_json(d)
 
 
 class KeptWriter(PipelineStep):
-    """Writes the kept corpus: OUT/corpus/kept/<lang>/<shard>.jsonl.gz, `shard_docs` documents per file."""
+    """Writes task `rank`'s kept corpus: OUT/corpus/kept/<lang>/<rank>-<part>.jsonl.gz, `shard_docs` documents
+    per file. Text tasks hold contiguous runs of input files (ReadStep), so the files in name order hold the
+    kept documents in global input order, whatever the task count."""
 
     type = "kmoe"
     name = "kept-out"
@@ -75,12 +76,12 @@ class KeptWriter(PipelineStep):
                     w = None
                 if w is None:
                     w = writers[doc.lang] = JsonlGzWriter(
-                        root / doc.lang / f"{shard_no[doc.lang]:05d}.jsonl.gz"
+                        root / doc.lang / f"{rank:05d}-{shard_no[doc.lang]:04d}.jsonl.gz"
                     )
                 w.write(doc.record())
                 counts[doc.lang][doc.source] += 1
         finally:
             for w in writers.values():
                 w.close()
-        write_json(Path(self.out_dir) / "work" / "kept_counts.json", counts)
+        write_json(Path(self.out_dir) / "work" / "kept_counts" / f"{rank:05d}.json", counts)
         return iter(())

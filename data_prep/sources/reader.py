@@ -1,4 +1,5 @@
-"""The first step of the text stage: read this task's share of input units (file i goes to task i % tasks)."""
+"""The first step of the text stage: read this task's share of input units, a contiguous run of the global unit
+list (task t of T reads units [t*N/T, (t+1)*N/T)), so text task outputs in rank order are in global order."""
 
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from data_prep.sources.files import list_units, read_unit
 from data_prep.steps.base import StepCounts
 
 log = logging.getLogger(__name__)
+
+
+def task_units(units: list, rank: int, world_size: int) -> list:
+    """Task `rank`'s contiguous share of `units` (sizes differ by at most one)."""
+    n = len(units)
+    return units[rank * n // world_size : (rank + 1) * n // world_size]
 
 
 class ReadStep(PipelineStep):
@@ -32,7 +39,7 @@ class ReadStep(PipelineStep):
     def run(self, data=None, rank: int = 0, world_size: int = 1):
         counts = StepCounts()
         units = list_units(self.sources, [Path(r) for r in self.roots])
-        mine = [u for i, u in enumerate(units) if i % world_size == rank]
+        mine = task_units(units, rank, world_size)
         errors = RemovedWriter(
             Path(self.out_dir) / "corpus" / "removed" / "read" / f"{rank:05d}.jsonl.gz", self.pii, counts
         )
@@ -43,14 +50,14 @@ class ReadStep(PipelineStep):
                 try:
                     for doc in read_unit(unit, src, root):
                         n += 1
-                        counts.n_in += 1
-                        counts.kept += 1
+                        counts.doc_in(src.name)
+                        counts.keep(src.name)
                         yield doc
                 except (OSError, ValueError, EOFError) as e:
                     # A truncated .gz or an unreadable parquet: records read so far are kept, the rest of
                     # the file is one error naming the file.
-                    counts.n_in += 1
-                    counts.errors["unreadable_file"] += 1
+                    counts.doc_in(src.name)
+                    counts.drop(src.name, "unreadable_file", error=True)
                     errors.write_record(
                         {"id": unit.path, "source": src.name, "step": "read", "reason": "unreadable_file",
                          "error": True, "detail": f"{unit.path}: after {n} records: {e}", "text": ""}

@@ -29,7 +29,8 @@ class Drop:
 
 
 class StepCounts:
-    """Per-step counters; `notes` hold extra counts (repairs, PII kinds) that are not removals."""
+    """Per-step counters; `notes` hold extra counts (repairs, PII kinds) that are not removals. `by_source`
+    repeats in/kept/removed/errors per source (filled by `doc_in`, `keep` and `drop`)."""
 
     def __init__(self) -> None:
         self.n_in = 0
@@ -37,14 +38,29 @@ class StepCounts:
         self.removed: Counter[str] = Counter()
         self.errors: Counter[str] = Counter()
         self.notes: Counter[str] = Counter()
+        self.by_source: dict[str, Counter[str]] = {}
+
+    def doc_in(self, source: str) -> None:
+        self.n_in += 1
+        self.by_source.setdefault(source, Counter())["in"] += 1
+
+    def keep(self, source: str) -> None:
+        self.kept += 1
+        self.by_source.setdefault(source, Counter())["kept"] += 1
+
+    def drop(self, source: str, reason: str, error: bool) -> None:
+        (self.errors if error else self.removed)[reason] += 1
+        self.by_source.setdefault(source, Counter())["errors" if error else "removed"] += 1
 
     def to_json(self) -> dict:
+        keys = ("in", "kept", "removed", "errors")
         return {
             "in": self.n_in,
             "kept": self.kept,
             "removed": dict(sorted(self.removed.items())),
             "errors": dict(sorted(self.errors.items())),
             "notes": dict(sorted(self.notes.items())),
+            "by_source": {s: {k: c[k] for k in keys} for s, c in sorted(self.by_source.items())},
         }
 
 
@@ -87,14 +103,14 @@ class DocStep(PipelineStep):
             data = tqdm(data or (), desc=self.name, unit=" docs", disable=None, mininterval=1.0)
         try:
             for doc in data or ():
-                counts.n_in += 1
+                counts.doc_in(doc.source)
                 with self.track_time():
                     result = self.apply(doc, counts)
                 if isinstance(result, Drop):
-                    (counts.errors if result.error else counts.removed)[result.reason] += 1
+                    counts.drop(doc.source, result.reason, result.error)
                     writer.write(doc, self.name, result.reason, result.error, result.detail)
                     continue
-                counts.kept += 1
+                counts.keep(doc.source)
                 yield result
             for doc in self.finish(counts):
                 yield doc

@@ -1,4 +1,4 @@
-"""MinHash over character shingles + LSH banding (pure numpy, deterministic from a seed).
+"""MinHash over character shingles and LSH band keys (pure numpy, deterministic from a seed).
 
 Character n-grams (whitespace removed) because Korean attaches particles to words: changing one particle
 ("데이터를" -> "데이터가") breaks every whitespace-word n-gram that contains the word, but only the few
@@ -59,38 +59,18 @@ class MinHasher:
             np.minimum(sig, vals.min(axis=0), out=sig)
         return (sig & _MAX32).astype(np.uint32)
 
-    def band_keys(self, sig: np.ndarray) -> list[bytes]:
-        return [bytes([i]) + sig[i * self.rows : (i + 1) * self.rows].tobytes() for i in range(self.bands)]
+    def band_hashes(self, sigs_NP: np.ndarray) -> np.ndarray:
+        """(N, bands) uint64 bucket keys: a 64-bit hash of each band's `rows` signature values. Two documents
+        share a bucket when a band's rows are equal (a hash collision only makes a candidate, which the
+        full-signature Jaccard check then rejects)."""
+        sigs = np.asarray(sigs_NP, dtype=np.uint64).reshape(len(sigs_NP), self.bands, self.rows)
+        h = np.full(sigs.shape[:2], 0x9E3779B97F4A7C15, dtype=np.uint64)
+        with np.errstate(over="ignore"):  # wrap-around uint64 arithmetic is the hash
+            for r in range(self.rows):
+                h = (h ^ sigs[:, :, r]) * np.uint64(0x100000001B3)
+                h ^= h >> np.uint64(31)
+        return h
 
 
 def jaccard_estimate(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.mean(a == b))
-
-
-class LshIndex:
-    """First-seen wins: `query_add` returns the id of an earlier near-duplicate, or adds the doc and returns ''."""
-
-    def __init__(self, hasher: MinHasher, threshold: float):
-        self.hasher, self.threshold = hasher, threshold
-        self.buckets: dict[bytes, int] = {}
-        self.sigs: list[np.ndarray] = []
-        self.ids: list[str] = []
-
-    def query_add(self, doc_id: str, text: str) -> tuple[str, float]:
-        sig = self.hasher.signature(text)
-        keys = self.hasher.band_keys(sig)
-        seen = set()
-        for key in keys:
-            j = self.buckets.get(key)
-            if j is None or j in seen:
-                continue
-            seen.add(j)
-            sim = jaccard_estimate(sig, self.sigs[j])
-            if sim >= self.threshold:
-                return self.ids[j], sim
-        idx = len(self.sigs)
-        self.sigs.append(sig)
-        self.ids.append(doc_id)
-        for key in keys:
-            self.buckets.setdefault(key, idx)
-        return "", 0.0

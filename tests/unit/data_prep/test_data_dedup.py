@@ -2,8 +2,7 @@
 
 from data_prep.config import DedupConfig
 from data_prep.records import Doc
-from data_prep.steps.base import Drop, StepCounts
-from data_prep.steps.dedup import DedupStep
+from data_prep.steps.dedup import dedup_decisions
 from data_prep.steps.minhash import MinHasher, jaccard_estimate
 
 BASE = (
@@ -23,15 +22,15 @@ def test_signature_is_deterministic_and_tracks_similarity():
     assert jaccard_estimate(h.signature(BASE), h.signature(OTHER)) < 0.1
 
 
-def test_step_removes_exact_and_near_duplicates_keeping_the_first():
-    step = DedupStep("/tmp/unused", DedupConfig())
-    step.setup()
-    counts = StepCounts()
+def test_decisions_remove_exact_and_near_duplicates_keeping_the_first():
     docs = [Doc(f"d{i}", "s", (0, 0, i), text=t, lang="ko") for i, t in enumerate([BASE, OTHER, BASE, NEAR])]
-    out = [step.apply(d, counts) for d in docs]
-    assert out[0] is docs[0] and out[1] is docs[1]
-    assert isinstance(out[2], Drop) and out[2].reason == "exact_duplicate" and "d0" in out[2].detail
-    assert isinstance(out[3], Drop) and out[3].reason == "near_duplicate" and "d0" in out[3].detail
+    got = {r["id"]: r for r in dedup_decisions(docs, DedupConfig())}
+    assert sorted(got) == ["d2", "d3"]
+    assert got["d2"]["reason"] == "exact_duplicate" and got["d2"]["detail"] == "duplicate of d0"
+    assert got["d3"]["reason"] == "near_duplicate" and got["d3"]["detail"].endswith("keeps d0")
+    # The survivor is the first in input order, not the first seen: reversed order keeps the near copy.
+    rev = [Doc(d.id, "s", (0, 0, 9 - i), text=d.text, lang="ko") for i, d in enumerate(docs)]
+    assert sorted(r["id"] for r in dedup_decisions(rev, DedupConfig())) == ["d0", "d2"]
 
 
 def test_word_ngram_shingles_would_miss_this_near_duplicate():
