@@ -160,6 +160,10 @@ def table(stats: dict) -> str:
             + ", ".join(f"{s} {n:,}" for s, n in where.items() if n)
             + ")"
         )
+    per = stats.get("by_source", {})
+    if per.get("sources"):
+        rows.append(f"  by source (in -> kept after {per['through']}):")
+        rows += [f"    {src:<16} {d['in']:>9,} -> {d['kept']:>9,}" for src, d in per["sources"].items()]
     notes = {
         f"{s}:{k}": v
         for s, d in stats["steps"].items()

@@ -66,10 +66,21 @@ class DedupStep(_ApplyDecisions):
     def __init__(self, out_dir, cfg: DedupConfig):
         super().__init__(out_dir)
         self.cfg = cfg
+        self._prepared = False
+
+    def prepare(self, docs: list[Doc]) -> None:
+        """Decide over all of `docs` (a document's fate depends on the others); `apply` then removes them."""
+        self.decisions = {r["id"]: r for r in dedup_decisions(docs, self.cfg)}
+        self._prepared = True
+
+    def apply(self, doc: Doc, counts: StepCounts) -> Doc | Drop:
+        if not self._prepared:
+            raise RuntimeError("DedupStep decides over all documents at once: call prepare(docs) or run(docs)")
+        return super().apply(doc, counts)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         docs = list(data or ())
-        self.decisions = {r["id"]: r for r in dedup_decisions(docs, self.cfg)}
+        self.prepare(docs)
         yield from super().run(iter(docs), rank, world_size)
 
 

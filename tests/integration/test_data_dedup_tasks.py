@@ -186,3 +186,94 @@ def test_dedup_stages_run_as_many_tasks(builds):
         assert len(list((logs / stage / "logs").glob("task_*.log"))) == 8, stage
         assert len(list((logs / stage / "completions").iterdir())) == 8, stage
     assert len(list((logs / "dedup-clusters" / "completions").iterdir())) == 1
+
+
+def _hangul_share(text: str) -> float:
+    return sum("\uac00" <= c <= "\ud7a3" for c in text) / max(len(text), 1)
+
+
+def _sentence_particle_copy(text: str) -> str:
+    """One particle changed in every sentence of real text (sentences end at '. ')."""
+    pieces = text.split(". ")
+    return ". ".join(_particle_copy([p]) for p in pieces)
+
+
+def _jaccard(a: str, b: str) -> float:
+    from data_prep.steps.minhash import MinHasher
+
+    h = MinHasher(5, 96, 24, 1)
+    sa, sb = set(h.shingles(a).tolist()), set(h.shingles(b).tolist())
+    return len(sa & sb) / len(sa | sb)
+
+
+def _plant_demo_copies(files: dict[str, Path], out: Path) -> dict[str, str]:
+    """Near-copies of 4 multi-line Korean documents from each of two demo sources (`files`: name -> its fetched
+    JSONL), as a source of their own: the last input file, so in the last of 8 text tasks. Returns
+    {copy id: original id}."""
+    planted, lines = {}, []
+    for name, path in files.items():
+        with gzip.open(path, "rt", encoding="utf-8") as f:
+            texts = [(n, json.loads(line)["text"]) for n, line in enumerate(f, 1)]
+        good = [
+            (n, t) for n, t in texts if 400 < len(t) < 1500 and t.count("\n") >= 3 and _hangul_share(t) > 0.4
+        ]
+        taken = 0
+        for n, text in good:
+            rows = text.split("\n")
+            copies = [_sentence_particle_copy(text), _punctuation_copy(rows), _moved_line_copy(rows)]
+            # Near-copies by the build's definition: character 5-gram Jaccard >= 0.8, far enough above the 0.7
+            # threshold that the 96-value estimate (std ~0.04) cannot fall below it. A document of many short
+            # sentences loses more than that to a changed ending in each.
+            if any(c == text or _jaccard(c, text) < 0.8 for c in copies):
+                continue
+            for copy in copies:
+                lines.append(json.dumps({"text": copy}, ensure_ascii=False))
+                planted[f"planted-ko:planted.jsonl:{len(lines)}"] = f"{name}:{Path(path).name}:{n}"
+            taken += 1
+            if taken == 4:
+                break
+    out.mkdir(parents=True)
+    (out / "planted.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return planted
+
+
+@pytest.mark.full
+def test_demo_corpus_with_planted_copies_at_1_and_8_tasks(repo_root, tmp_path):
+    from data_prep.config import SourceConfig, load_data_config
+    from data_prep.pipeline import resolve_sources
+
+    repo = Path(repo_root)
+    outs = {}
+    for tasks in (1, 8):
+        cfg = load_data_config(
+            repo / "configs" / "data" / "demo.yaml",
+            [f"cache_dir={repo / '.cache' / 'data'}", f"executor.tasks={tasks}", "executor.workers=2"],
+        )
+        roots = resolve_sources(cfg)  # fetched now, or found in the cache
+        names = [s.name for s in cfg.sources]
+        files = {n: Path(roots[names.index(n)]) for n in ("ddtp-ko", "lo-help-ko")}
+        planted = _plant_demo_copies(files, tmp_path / f"planted{tasks}")
+        cfg.sources.append(
+            SourceConfig(name="planted-ko", type="jsonl", path=str(tmp_path / f"planted{tasks}"))
+        )
+        outs[tasks] = tmp_path / f"out{tasks}"
+        build(cfg, outs[tasks], tokenizer=ByteTokenizer())
+    assert len(planted) == 24
+    units = list_units(cfg.sources, [Path(p) for p in resolve_sources(cfg)])
+    task_of = {u.source_index: t for t in range(8) for u in task_units(units, t, 8)}
+    assert task_of[len(cfg.sources) - 1] not in {task_of[names.index(n)] for n in files}
+    removed = {}
+    for tasks, out in outs.items():
+        recs = {r["id"]: r for r in _records(out, "removed")}
+        removed[tasks] = {i: (recs[i]["step"], recs[i]["reason"], recs[i].get("detail")) for i in planted}
+        assert all(v[:2] == ("dedup", "near_duplicate") for v in removed[tasks].values()), removed[tasks]
+    assert removed[1] == removed[8]
+    assert [r["id"] for r in _records(outs[1], "kept")] == [r["id"] for r in _records(outs[8], "kept")]
+    dec = lambda out: sorted((r["id"], r["reason"], r.get("detail", "")) for r in _records(out, "removed"))  # noqa: E731
+    assert dec(outs[1]) == dec(outs[8])
+    assert json.loads((outs[1] / "stats.json").read_text()) == json.loads(
+        (outs[8] / "stats.json").read_text()
+    )
+    logs = outs[8] / "work" / "logs"
+    for stage in ("dedup-signatures", "dedup-exact", "dedup-buckets", "dedup"):
+        assert len(list((logs / stage / "logs").glob("task_*.log"))) == 8, stage

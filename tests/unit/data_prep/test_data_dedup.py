@@ -2,7 +2,8 @@
 
 from data_prep.config import DedupConfig
 from data_prep.records import Doc
-from data_prep.steps.dedup import dedup_decisions
+from data_prep.steps.base import Drop, StepCounts
+from data_prep.steps.dedup import DedupStep, dedup_decisions
 from data_prep.steps.minhash import MinHasher, jaccard_estimate
 
 BASE = (
@@ -44,3 +45,58 @@ def test_word_ngram_shingles_would_miss_this_near_duplicate():
     h = MinHasher(5, 96, 12, seed=1)
     chars = jaccard_estimate(h.signature(BASE), h.signature(NEAR))
     assert words < 0.5 < DedupConfig().threshold < chars
+
+
+def _decisions_split(texts: list[str], tasks: int, cfg: DedupConfig) -> list[tuple]:
+    """Decisions when document k sits in task k * tasks // len(texts) (contiguous, as the text stage splits)."""
+    import numpy as np
+
+    from data_prep.dedup_core import (
+        BAND_DTYPE,
+        EXACT_DTYPE,
+        bucket_edges,
+        decide,
+        exact_edges,
+        rows_with_refs,
+        text_hash,
+    )
+
+    task = [k * tasks // len(texts) for k in range(len(texts))]
+    refs = np.array([(0, k, 0, task[k], task[:k].count(task[k])) for k in range(len(texts))], dtype=np.int64)
+    h = MinHasher(cfg.ngram, cfg.num_perm, cfg.bands, cfg.seed)
+    sigs = {(int(r[3]), int(r[4])): h.signature(t) for r, t in zip(refs, texts)}
+    rows = rows_with_refs(EXACT_DTYPE, refs)
+    hashes = np.array([text_hash(t) for t in texts], dtype=np.uint64)
+    rows["h0"], rows["h1"] = hashes[:, 0], hashes[:, 1]
+    keys = h.band_hashes(np.stack([sigs[(int(r[3]), int(r[4]))] for r in refs]))
+    near = []
+    for b in range(cfg.bands):
+        band = rows_with_refs(BAND_DTYPE, refs)
+        band["key"] = keys[:, b]
+        near.append(bucket_edges(band, lambda t, i: sigs[(t, i)], cfg.threshold))
+    out = decide(exact_edges(rows), np.concatenate(near))
+    return [(d.ref[:3], d.reason, d.survivor[:3], d.partner[:3], d.cluster_size) for d in out]
+
+
+def test_decisions_do_not_depend_on_how_documents_are_split_into_tasks():
+    chain = [BASE, NEAR, NEAR.replace("작성되었습니다", "작성했습니다"), OTHER, BASE, OTHER + " 끝.", NEAR]
+    cfg = DedupConfig()
+    one = _decisions_split(chain, 1, cfg)
+    assert one == _decisions_split(chain, 3, cfg) == _decisions_split(chain, 7, cfg)
+    reasons = {ref[1]: reason for ref, reason, *_ in one}
+    assert reasons == {1: "near_duplicate", 2: "near_duplicate", 4: "exact_duplicate", 5: "near_duplicate",
+                       6: "exact_duplicate"}  # fmt: skip
+    # Near: the cluster's first document; exact: the first copy (itself removed as near for doc 6's copy).
+    assert {ref[1]: survivor[1] for ref, _, survivor, _, _ in one} == {1: 0, 2: 0, 4: 0, 5: 3, 6: 1}
+
+
+def test_dedup_step_in_one_process_needs_all_documents_first():
+    import pytest
+
+    step = DedupStep("/tmp/unused", DedupConfig())
+    with pytest.raises(RuntimeError, match="prepare"):
+        step.apply(Doc("d0", "s", (0, 0, 0), text=BASE), StepCounts())
+    docs = [Doc(f"d{i}", "s", (0, 0, i), text=t, lang="ko") for i, t in enumerate([BASE, OTHER, BASE, NEAR])]
+    step.prepare(docs)
+    kept = [d.id for d in docs if not isinstance(step.apply(d, StepCounts()), Drop)]
+    assert kept == ["d0", "d1"]
