@@ -75,7 +75,9 @@ class DedupStep(_ApplyDecisions):
 
     def apply(self, doc: Doc, counts: StepCounts) -> Doc | Drop:
         if not self._prepared:
-            raise RuntimeError("DedupStep decides over all documents at once: call prepare(docs) or run(docs)")
+            raise RuntimeError(
+                "DedupStep decides over all documents at once: call prepare(docs) or run(docs)"
+            )
         return super().apply(doc, counts)
 
     def run(self, data, rank: int = 0, world_size: int = 1):
