@@ -3,7 +3,8 @@
   text      (executor.tasks tasks)  read -> decode -> normalize -> langid -> quality -> pii -> work/text/<rank>
   dedup     (1 task)                merge by global order -> exact + MinHash-LSH dedup -> corpus/kept/<lang>/
   tokenizer (1 task, if training)   train_tokenizer(OUT/corpus, ...) -> OUT/tokenizer
-  shards    (1 task per language)   mix budget + tokenize -> shards/<lang>.bin/.idx
+  shards    (executor.tasks tasks)  task r: part r of every language, mix budget + tokenize ->
+                                    shards/<lang>-<r>.bin/.idx (a budgeted language: one part, task 0)
   finalize  (1 task)                stats.json (accounting checked) + manifest.json
 Each stage's completion markers live under OUT/work/logs/<stage>/completions, so a relaunch skips finished
 tasks. A relaunch with a different config into the same OUT is refused (stale outputs would be mixed in).
@@ -20,6 +21,7 @@ from datatrove.pipeline.base import PipelineStep
 from data_prep import accounting, tokenizer_io
 from data_prep.config import LANGS, DataConfig
 from data_prep.manifest import build_manifest
+from data_prep.parts import language_totals
 from data_prep.records import write_json
 from data_prep.shards import ShardStep
 from data_prep.sources.demo import fetch
@@ -107,9 +109,9 @@ def finalize(out: Path, cfg: DataConfig, tokenizer) -> dict:
     stats = accounting.merge_stats(out)
     accounting.check(stats)
     write_json(out / "stats.json", stats)
-    totals = {
-        p.stem: json.loads(p.read_text()) for p in sorted((out / "work" / "shard_totals").glob("*.json"))
-    }
+    totals = language_totals(
+        {p.stem: json.loads(p.read_text()) for p in sorted((out / "work" / "shard_totals").glob("*.json"))}
+    )
     if isinstance(tokenizer, str | Path):
         info = tokenizer_io.describe(
             tokenizer_io.open_tokenizer(tokenizer), _rel_or_abs(Path(tokenizer), out)
@@ -138,9 +140,9 @@ def stages(cfg: DataConfig, out: Path, roots: list[str], tokenizer) -> list[tupl
         result.append(("tokenizer", [TrainTokenizerStep(out, cfg.tokenizer.train)], 1, 1))
         tok_arg = str(out / "tokenizer")
     # An in-process tokenizer object cannot be sent to worker processes: run the shard tasks in this one.
-    shard_workers = min(cfg.executor.workers, len(LANGS)) if isinstance(tok_arg, str) else 1
+    shard_workers = cfg.executor.workers if isinstance(tok_arg, str) else 1
     shards = [ShardStep(out, list(LANGS), tok_arg, cfg.mix.max_tokens, cfg.pii)]
-    result.append(("shards", shards, len(LANGS), shard_workers))
+    result.append(("shards", shards, cfg.executor.tasks, shard_workers))
     result.append(("finalize", [FinalizeStep(out, cfg, tok_arg)], 1, 1))
     return result
 

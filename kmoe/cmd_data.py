@@ -50,12 +50,13 @@ def _report(out: Path) -> str:
         f"data build {out}",
         table(stats),
         "",
-        f"{'shard':<6} {'docs':>9} {'tokens':>12} {'weight':>7} {'natural':>8}",
+        f"{'shard':<6} {'parts':>5} {'docs':>9} {'tokens':>12} {'weight':>7} {'natural':>8}",
     ]
     for lang, c in manifest["counts"].items():
         m = manifest["mix"][lang]
         lines.append(
-            f"{lang:<6} {c['docs']:>9,} {c['tokens']:>12,} {m['weight']:>7.3f} {m['natural_share']:>8.3f}"
+            f"{lang:<6} {len(c.get('parts', [lang])):>5} {c['docs']:>9,} {c['tokens']:>12,} {m['weight']:>7.3f} "
+            f"{m['natural_share']:>8.3f}"
         )
     t = manifest["tokenizer"]
     lines += [
