@@ -12,6 +12,7 @@ tasks. A relaunch with a different config into the same OUT is refused (stale ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -157,8 +158,10 @@ def _guard_out(out: Path, chash: str) -> None:
     marker.write_text(chash + "\n")
 
 
-def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
-    """Run every stage; returns the manifest. `tokenizer` overrides the config's (an object or a directory)."""
+def build(cfg: DataConfig, out: str | Path, tokenizer=None, stage_timer=None) -> dict:
+    """Run every stage; returns the manifest. `tokenizer` overrides the config's (an object or a directory);
+    `stage_timer(name)`, a context manager around each local stage (bench/data_prep.py times stages with it).
+    Under SLURM it submits the chain and returns {"slurm_jobs": {stage: job id, -1 where every task is done}}."""
     out = Path(out)
     quiet_console()
     if tokenizer is None and cfg.tokenizer.path:
@@ -178,9 +181,10 @@ def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
         )
     if cfg.executor.kind == "slurm":
         executors[-1].run()  # sbatch the chain; each stage depends on the previous one
-        return {}
+        return {"slurm_jobs": {name: ex.job_id for (name, *_), ex in zip(plan, executors)}}
     for (name, *_), ex in zip(plan, executors):
-        run_stage(name, ex, out / "work" / "logs" / name)
+        with stage_timer(name) if stage_timer else contextlib.nullcontext():
+            run_stage(name, ex, out / "work" / "logs" / name)
     return json.loads((out / "manifest.json").read_text())
 
 

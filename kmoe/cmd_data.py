@@ -33,9 +33,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from data_prep.pipeline import build
 
     cfg = load_data_config(args.config, args.set)
-    build(cfg, args.out)
+    result = build(cfg, args.out)
     if cfg.executor.kind == "slurm":
-        emit(f"submitted the data build to SLURM; logs under {args.out}/work/logs/")
+        jobs = ", ".join(f"{k} {v}" if v != -1 else f"{k} (done)" for k, v in result["slurm_jobs"].items())
+        emit(f"submitted the data build to SLURM (jobs: {jobs}); logs under {args.out}/work/logs/")
         return 0
     emit(_report(Path(args.out)))
     return 0
