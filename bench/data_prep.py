@@ -99,6 +99,13 @@ def stage_inputs(out: Path, raw_mb: float) -> dict[str, float]:
             "tokenizer": kept, "shards": kept, "finalize": hashed / 1e6}  # fmt: skip
 
 
+def disk_mb(out: Path) -> dict[str, float]:
+    """MB on disk of the text stage's output, the kept and removed corpus and the token shards."""
+    folders = {"work/text": out / "work" / "text", "corpus/kept": out / "corpus" / "kept",
+               "corpus/removed": out / "corpus" / "removed", "shards": out / "shards"}  # fmt: skip
+    return {k: sum(p.stat().st_size for p in d.rglob("*") if p.is_file()) / 1e6 for k, d in folders.items()}
+
+
 def sp_encode_rate(out: Path) -> tuple[float, int]:
     """MB/s per core of raw sentencepiece encoding of the kept text, and the tokens it gives."""
     import sentencepiece as spm
@@ -110,7 +117,7 @@ def sp_encode_rate(out: Path) -> tuple[float, int]:
     return sum(len(t.encode()) for t in docs) / 1e6 / (time.process_time() - t0), n
 
 
-def report(rows, base_s, total_mb, times1, times_n, inputs, sp_rate, workers, tasks, manifest) -> None:
+def report(rows, base_s, total_mb, times1, times_n, inputs, sp_rate, workers, tasks, manifest, disk) -> None:
     base = total_mb / base_s
     print(
         f"input {total_mb:.1f} MB; json.loads {base:.1f} MB/s per core; sentencepiece encode {sp_rate:.2f} MB/s per core"
@@ -141,6 +148,7 @@ def report(rows, base_s, total_mb, times1, times_n, inputs, sp_rate, workers, ta
     print(
         f"tokens {tokens:,}: {total_mb * 1e6 / tokens:.2f} raw bytes and {inputs['shards'] * 1e6 / tokens:.2f} kept bytes per token"
     )
+    print("on disk, bytes per token: " + ", ".join(f"{k} {v * 1e6 / tokens:.2f}" for k, v in disk.items()))
 
 
 def main() -> int:
@@ -164,10 +172,11 @@ def main() -> int:
         manifest = build(cfg, Path(tmp) / "one", stage_timer=timer(times1))
         inputs = stage_inputs(Path(tmp) / "one", total_mb)
         sp_rate, _ = sp_encode_rate(Path(tmp) / "one")
+        disk = disk_mb(Path(tmp) / "one")
         cfg.executor.workers = args.workers
         cfg.tokenizer.path, cfg.tokenizer.train = str(Path(tmp) / "one" / "tokenizer"), None
         build(cfg, Path(tmp) / "many", stage_timer=timer(times_n))
-    report(rows, base_s, total_mb, times1, times_n, inputs, sp_rate, args.workers, args.tasks, manifest)
+    report(rows, base_s, total_mb, times1, times_n, inputs, sp_rate, args.workers, args.tasks, manifest, disk)
     return 0
 
 

@@ -12,6 +12,7 @@ strings while `Path.with_suffix` would eat a dotted part number.
 from __future__ import annotations
 
 import gzip
+import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,6 +38,18 @@ def count_lines(path: Path) -> int:
         while chunk := f.read(1 << 20):
             n += chunk.count(b"\n")
     return n
+
+
+def file_counts(out_dir: Path, lang: str, files: list[Path]) -> list[int]:
+    """Records per kept file: from `work/kept_index/<lang>.json` ({file name: records}) when the kept-corpus
+    writer left one covering every file, else counted (each shards task then decompresses the language once;
+    at scale the writer should leave the index)."""
+    index_path = Path(out_dir) / "work" / "kept_index" / f"{lang}.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        if all(f.name in index for f in files):
+            return [int(index[f.name]) for f in files]
+    return [count_lines(f) for f in files]
 
 
 def read_range(files: list[Path], counts: list[int], start: int, end: int) -> Iterator[dict]:

@@ -20,7 +20,7 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from data_prep.config import PiiConfig
-from data_prep.parts import count_lines, part_name, part_range, read_range
+from data_prep.parts import file_counts, part_name, part_range, read_range
 from data_prep.records import Doc, write_json
 from data_prep.removed import RemovedWriter
 from data_prep.steps.base import StepCounts
@@ -68,7 +68,7 @@ def write_language_shard(
     `pii`: how removed records are redacted (the build's `pii:`; kept text was redacted already)."""
     out = Path(out_dir)
     files = kept_files(out, lang)
-    per_file = [count_lines(f) for f in files]
+    per_file = file_counts(out, lang, files)
     start, end = part_range(sum(per_file), part, parts)
     if start >= end:
         return None

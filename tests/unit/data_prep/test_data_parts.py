@@ -106,6 +106,18 @@ def test_token_multiset_independent_of_task_count(tmp_path):
     assert bags[0] == bags[1]
 
 
+def test_kept_index_gives_the_same_parts_as_counting(tmp_path, monkeypatch):
+    import data_prep.parts
+    from data_prep.records import write_json
+
+    counted = _build(tmp_path / "counted", 3)
+    for lang, texts in TEXTS.items():  # what a kept-corpus writer would record: records per file
+        write_json(tmp_path / "indexed" / "work" / "kept_index" / f"{lang}.json",
+                   {"00000.jsonl.gz": len(texts[:4]), "00001.jsonl.gz": len(texts[4:])})  # fmt: skip
+    monkeypatch.setattr(data_prep.parts, "count_lines", lambda path: pytest.fail(f"counted {path}"))
+    assert _build(tmp_path / "indexed", 3) == counted
+
+
 def test_group_prefixes_reads_old_and_new_layouts(tmp_path):
     for name in ("ko", "en-00001", "en-00000", "notes"):
         for ext in ("bin", "idx"):
