@@ -3,7 +3,8 @@
 Inputs (one or more paths):
   *.jsonl / *.jsonl.gz   one {"text": ..., "lang": ...} per line (the corpus' kept-doc format)
   *.txt                  one document per non-empty line; language from the file stem (ko.txt) or "unk"
-  a shards directory     megatron `<lang>.bin/.idx` pairs (+ manifest.json): documents are read from the TAIL
+  a shards directory     megatron `<lang>-<part>.bin/.idx` parts (read in part order as one shard per language)
+                         or `<lang>.bin/.idx` pairs (+ manifest.json): documents are read from the TAIL
                          of each language shard, the part megatron's default split (969,30,1) holds out;
                          eval reads the last min(EVAL_DOCS, n/2) documents of a shard of n, calibration
                          the documents before those, so the two never share a document
