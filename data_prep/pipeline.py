@@ -4,7 +4,8 @@
   dedup-*   (executor.tasks tasks)  signatures -> exact (by hash prefix) -> LSH buckets (band ranges) ->
             clusters (1 task) -> dedup filter -> corpus/kept/<lang>/<rank>-<part>  (data_prep/steps/dedup_dist.py)
   tokenizer (1 task, if training)   train_tokenizer(OUT/corpus, ...) -> OUT/tokenizer
-  shards    (1 task per language)   mix budget + tokenize -> shards/<lang>.bin/.idx
+  shards    (executor.tasks tasks)  task r: part r of every language, mix budget + tokenize ->
+                                    shards/<lang>-<r>.bin/.idx (a budgeted language: one part, task 0)
   finalize  (1 task)                stats.json (accounting checked) + manifest.json
 Each stage's completion markers live under OUT/work/logs/<stage>/completions, so a relaunch skips finished
 tasks. A relaunch with a different config into the same OUT is refused (stale outputs would be mixed in).
@@ -12,6 +13,7 @@ tasks. A relaunch with a different config into the same OUT is refused (stale ou
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from pathlib import Path
@@ -21,6 +23,7 @@ from datatrove.pipeline.base import PipelineStep
 from data_prep import accounting, tokenizer_io
 from data_prep.config import LANGS, DataConfig
 from data_prep.manifest import build_manifest
+from data_prep.parts import language_totals
 from data_prep.records import write_json
 from data_prep.shards import ShardStep
 from data_prep.sources.demo import fetch
@@ -109,9 +112,9 @@ def finalize(out: Path, cfg: DataConfig, tokenizer) -> dict:
     stats = accounting.merge_stats(out)
     accounting.check(stats)
     write_json(out / "stats.json", stats)
-    totals = {
-        p.stem: json.loads(p.read_text()) for p in sorted((out / "work" / "shard_totals").glob("*.json"))
-    }
+    totals = language_totals(
+        {p.stem: json.loads(p.read_text()) for p in sorted((out / "work" / "shard_totals").glob("*.json"))}
+    )
     if isinstance(tokenizer, str | Path):
         info = tokenizer_io.describe(
             tokenizer_io.open_tokenizer(tokenizer), _rel_or_abs(Path(tokenizer), out)
@@ -139,9 +142,9 @@ def stages(cfg: DataConfig, out: Path, roots: list[str], tokenizer) -> list[tupl
         result.append(("tokenizer", [TrainTokenizerStep(out, cfg.tokenizer.train)], 1, 1))
         tok_arg = str(out / "tokenizer")
     # An in-process tokenizer object cannot be sent to worker processes: run the shard tasks in this one.
-    shard_workers = min(cfg.executor.workers, len(LANGS)) if isinstance(tok_arg, str) else 1
+    shard_workers = cfg.executor.workers if isinstance(tok_arg, str) else 1
     shards = [ShardStep(out, list(LANGS), tok_arg, cfg.mix.max_tokens, cfg.pii)]
-    result.append(("shards", shards, len(LANGS), shard_workers))
+    result.append(("shards", shards, cfg.executor.tasks, shard_workers))
     result.append(("finalize", [FinalizeStep(out, cfg, tok_arg)], 1, 1))
     return result
 
@@ -171,8 +174,10 @@ def _guard_out(out: Path, chash: str) -> None:
     marker.write_text(chash + "\n")
 
 
-def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
-    """Run every stage; returns the manifest. `tokenizer` overrides the config's (an object or a directory)."""
+def build(cfg: DataConfig, out: str | Path, tokenizer=None, stage_timer=None) -> dict:
+    """Run every stage; returns the manifest. `tokenizer` overrides the config's (an object or a directory);
+    `stage_timer(name)`, a context manager around each local stage (bench/data_prep.py times stages with it).
+    Under SLURM it submits the chain and returns {"slurm_jobs": {stage: job id, -1 where every task is done}}."""
     out = Path(out)
     quiet_console()
     if tokenizer is None and cfg.tokenizer.path:
@@ -192,9 +197,10 @@ def build(cfg: DataConfig, out: str | Path, tokenizer=None) -> dict:
         )
     if cfg.executor.kind == "slurm":
         executors[-1].run()  # sbatch the chain; each stage depends on the previous one
-        return {}
+        return {"slurm_jobs": {name: ex.job_id for (name, *_), ex in zip(plan, executors)}}
     for (name, *_), ex in zip(plan, executors):
-        run_stage(name, ex, out / "work" / "logs" / name)
+        with stage_timer(name) if stage_timer else contextlib.nullcontext():
+            run_stage(name, ex, out / "work" / "logs" / name)
     return json.loads((out / "manifest.json").read_text())
 
 

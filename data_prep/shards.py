@@ -1,9 +1,12 @@
-"""Megatron token shards: OUT/shards/<lang>.bin/.idx, one document per kept doc, framed as training sees it:
-[BOS] + ids + [EOD (= eos_id)], the same BOS the exported Hugging Face tokenizer adds.
+"""Megatron token shards: OUT/shards/<lang>-<part>.bin/.idx, one document per kept doc, framed as training sees
+it: [BOS] + ids + [EOD (= eos_id)], the same BOS the exported Hugging Face tokenizer adds. Task `r` of the
+shards stage writes part `r` of every language (data_prep/parts.py says which documents that is).
 
 The writer needs only a tokenizer with `encode_document(text) -> list[int]`, `eos_id`, `vocab_size` and `digest`
 (data_prep.tokenizer.load_tokenizer gives one). The mix step lives here because a token budget needs tokens:
-documents past `mix.max_tokens[lang]` are removed with reason `over_token_budget`.
+documents past `mix.max_tokens[lang]` are removed with reason `over_token_budget`. The budget is taken in kept
+order (a document that does not fit is removed, later smaller ones may fit), which is sequential: a language
+with a budget is written as one part, by task 0.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 from datatrove.pipeline.base import PipelineStep
 
 from data_prep.config import PiiConfig
-from data_prep.records import Doc, read_jsonl_gz, write_json
+from data_prep.parts import file_counts, part_name, part_range, read_range
+from data_prep.records import Doc, write_json
 from data_prep.removed import RemovedWriter
 from data_prep.steps.base import StepCounts
 
@@ -56,50 +60,86 @@ def write_language_shard(
     tokenizer: ShardTokenizer,
     max_tokens: int | None,
     pii: PiiConfig | None = None,
-) -> tuple[StepCounts, dict]:
-    """Tokenize the kept docs of `lang` in order into OUT/shards/<lang>.bin/.idx. Returns counts and totals.
+    part: int = 0,
+    parts: int = 1,
+) -> tuple[StepCounts, dict] | None:
+    """Tokenize part `part` of `parts` of the kept docs of `lang`, in kept order, into
+    OUT/shards/<lang>-<part>.bin/.idx. Returns counts and totals, or None when the part holds no document.
     `pii`: how removed records are redacted (the build's `pii:`; kept text was redacted already)."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     out = Path(out_dir)
-    prefix = out / "shards" / lang
+    files = kept_files(out, lang)
+    per_file = file_counts(out, lang, files)
+    start, end = part_range(sum(per_file), part, parts)
+    if start >= end:
+        return None
+    name = part_name(lang, part)
+    prefix = out / "shards" / name
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    dtype = token_dtype(tokenizer.vocab_size)
-    builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=dtype)
     counts = StepCounts()
     removed = RemovedWriter(
-        out / "corpus" / "removed" / "mix" / f"{lang}.jsonl.gz", pii or PiiConfig(), counts
+        out / "corpus" / "removed" / "mix" / f"{name}.jsonl.gz", pii or PiiConfig(), counts
     )
-    tokens, by_source = 0, defaultdict(lambda: {"docs": 0, "tokens": 0})
+    tmp = {ext: Path(f"{prefix}.{ext}.tmp") for ext in ("bin", "idx")}
+    writer = _PartWriter(tokenizer, tmp["bin"], max_tokens)
     try:
-        for path in kept_files(out, lang):
-            for rec in read_jsonl_gz(path):
-                counts.n_in += 1
-                ids = tokenizer.encode_document(rec["text"])
-                if max_tokens is not None and tokens + len(ids) > max_tokens:
-                    doc = Doc(rec["id"], rec["source"], (0, 0, 0), text=rec["text"], lang=lang)
-                    removed.write(doc, "mix", "over_token_budget", False, f"budget {max_tokens}")
-                    counts.removed["over_token_budget"] += 1
-                    continue
-                arr = np.asarray(ids, dtype=np.int64)
-                if arr.size and (arr.min() < 0 or arr.max() >= tokenizer.vocab_size):
-                    raise ValueError(
-                        f"tokenizer produced an id outside [0, {tokenizer.vocab_size}) for {rec['id']}"
-                    )
-                builder.add_document(arr.astype(dtype), [arr.size])
+        for rec in read_range(files, per_file, start, end):
+            counts.n_in += 1
+            reason = writer.add(rec)
+            if reason:
+                doc = Doc(rec["id"], rec["source"], (0, 0, 0), text=rec["text"], lang=lang)
+                removed.write(doc, "mix", reason, False, f"budget {max_tokens}")
+                counts.removed[reason] += 1
+            else:
                 counts.kept += 1
-                tokens += arr.size
-                by_source[rec["source"]]["docs"] += 1
-                by_source[rec["source"]]["tokens"] += int(arr.size)
     finally:
         removed.close()
-        builder.finalize(str(prefix) + ".idx")
-    totals = {"docs": counts.kept, "tokens": tokens, "dtype": np.dtype(dtype).name, "by_source": by_source}
+        writer.builder.finalize(str(tmp["idx"]))
+    for ext, path in tmp.items():  # whole parts only under the final names (a killed task leaves .tmp files)
+        path.replace(f"{prefix}.{ext}")
+    totals = {
+        "docs": counts.kept,
+        "tokens": writer.tokens,
+        "dtype": np.dtype(writer.dtype).name,
+        "by_source": writer.by_source,
+        "part": part,
+        "prefix": f"shards/{name}",
+        "first_doc": start,
+    }
     return counts, totals
 
 
+class _PartWriter:
+    """Encodes documents into one IndexedDatasetBuilder under a token budget; counts tokens per source."""
+
+    def __init__(self, tokenizer: ShardTokenizer, bin_path: Path, max_tokens: int | None):
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.tokenizer, self.max_tokens = tokenizer, max_tokens
+        self.dtype = token_dtype(tokenizer.vocab_size)
+        self.builder = IndexedDatasetBuilder(str(bin_path), dtype=self.dtype)
+        self.tokens = 0
+        self.by_source: dict[str, dict[str, int]] = defaultdict(lambda: {"docs": 0, "tokens": 0})
+
+    def add(self, rec: dict) -> str | None:
+        """Append one kept record; returns the removal reason when the budget refuses it."""
+        ids = self.tokenizer.encode_document(rec["text"])
+        if self.max_tokens is not None and self.tokens + len(ids) > self.max_tokens:
+            return "over_token_budget"
+        arr = np.asarray(ids, dtype=np.int64)
+        if arr.size and (arr.min() < 0 or arr.max() >= self.tokenizer.vocab_size):
+            raise ValueError(
+                f"tokenizer produced an id outside [0, {self.tokenizer.vocab_size}) for {rec['id']}"
+            )
+        self.builder.add_document(arr.astype(self.dtype), [arr.size])
+        self.tokens += arr.size
+        self.by_source[rec["source"]]["docs"] += 1
+        self.by_source[rec["source"]]["tokens"] += int(arr.size)
+        return None
+
+
 class ShardStep(PipelineStep):
-    """One task per language: task i writes languages[i]."""
+    """Task `rank` of `world_size` writes part `rank` of every language without a token budget; task 0 also
+    writes each budgeted language whole (part 0 of 1)."""
 
     type = "kmoe"
     name = "shards"
@@ -123,14 +163,18 @@ class ShardStep(PipelineStep):
         tok = self.tokenizer
         if isinstance(tok, str | Path):
             tok = open_tokenizer(tok)
-        for i, lang in enumerate(self.languages):
-            if i % world_size != rank or not kept_files(self.out_dir, lang):
+        work = Path(self.out_dir) / "work"
+        for lang in self.languages:
+            budget = self.max_tokens.get(lang)
+            part, parts = (0, 1) if budget is not None else (rank, world_size)
+            if rank >= parts or not kept_files(self.out_dir, lang):
                 continue
-            counts, totals = write_language_shard(
-                self.out_dir, lang, tok, self.max_tokens.get(lang), self.pii
-            )
-            work = Path(self.out_dir) / "work"
-            write_json(work / "stats" / "mix" / f"{lang}.json", counts.to_json())
-            write_json(work / "shard_totals" / f"{lang}.json", totals)
-            log.info("shard %s: %d docs, %d tokens", lang, totals["docs"], totals["tokens"])
+            written = write_language_shard(self.out_dir, lang, tok, budget, self.pii, part, parts)
+            if written is None:
+                continue
+            counts, totals = written
+            name = part_name(lang, part)
+            write_json(work / "stats" / "mix" / f"{name}.json", counts.to_json())
+            write_json(work / "shard_totals" / f"{name}.json", totals)
+            log.info("shard %s: %d docs, %d tokens", name, totals["docs"], totals["tokens"])
         return iter(())

@@ -64,6 +64,10 @@ class KmoeSlurmExecutor(SlurmPipelineExecutor):
         with _kmoe_task_logger():
             return super()._run_for_rank(rank, local_rank=local_rank, node_rank=node_rank)
 
+    def launch_merge_stats(self):
+        """No merge job: kmoe's finalize stage merges its own counters (stats.json), and datatrove's merge job
+        asks for a fixed 1 GB per CPU that a cluster without memory accounting may refuse."""
+
 
 def quiet_console() -> None:
     """datatrove logs every task's pipeline and stats to the console at INFO; keep its warnings there, without

@@ -33,9 +33,10 @@ def cmd_build(args: argparse.Namespace) -> int:
     from data_prep.pipeline import build
 
     cfg = load_data_config(args.config, args.set)
-    build(cfg, args.out)
+    result = build(cfg, args.out)
     if cfg.executor.kind == "slurm":
-        emit(f"submitted the data build to SLURM; logs under {args.out}/work/logs/")
+        jobs = ", ".join(f"{k} {v}" if v != -1 else f"{k} (done)" for k, v in result["slurm_jobs"].items())
+        emit(f"submitted the data build to SLURM (jobs: {jobs}); logs under {args.out}/work/logs/")
         return 0
     emit(_report(Path(args.out)))
     return 0
@@ -50,12 +51,13 @@ def _report(out: Path) -> str:
         f"data build {out}",
         table(stats),
         "",
-        f"{'shard':<6} {'docs':>9} {'tokens':>12} {'weight':>7} {'natural':>8}",
+        f"{'shard':<6} {'parts':>5} {'docs':>9} {'tokens':>12} {'weight':>7} {'natural':>8}",
     ]
     for lang, c in manifest["counts"].items():
         m = manifest["mix"][lang]
         lines.append(
-            f"{lang:<6} {c['docs']:>9,} {c['tokens']:>12,} {m['weight']:>7.3f} {m['natural_share']:>8.3f}"
+            f"{lang:<6} {len(c.get('parts', [lang])):>5} {c['docs']:>9,} {c['tokens']:>12,} {m['weight']:>7.3f} "
+            f"{m['natural_share']:>8.3f}"
         )
     t = manifest["tokenizer"]
     lines += [

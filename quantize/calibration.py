@@ -3,7 +3,8 @@
 Inputs (one or more paths):
   *.jsonl / *.jsonl.gz   one {"text": ..., "lang": ...} per line (the corpus' kept-doc format)
   *.txt                  one document per non-empty line; language from the file stem (ko.txt) or "unk"
-  a shards directory     megatron `<lang>.bin/.idx` pairs (+ manifest.json): documents are read from the TAIL
+  a shards directory     megatron `<lang>-<part>.bin/.idx` parts (read in part order as one shard per language)
+                         or `<lang>.bin/.idx` pairs (+ manifest.json): documents are read from the TAIL
                          of each language shard, the part megatron's default split (969,30,1) holds out;
                          eval reads the last min(EVAL_DOCS, n/2) documents of a shard of n, calibration
                          the documents before those, so the two never share a document
@@ -11,7 +12,9 @@ Inputs (one or more paths):
 
 from __future__ import annotations
 
+import bisect
 import gzip
+import itertools
 import json
 import logging
 from collections.abc import Iterable
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from data_prep.parts import group_prefixes
 from kmoe.hashing import sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
@@ -103,25 +107,30 @@ def _read_jsonl(p: Path, docs: Docs) -> None:
 def _read_shards(d: Path, docs: Docs, per_lang: int, part: str) -> None:
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    found = sorted(d.glob("*.idx"))
+    try:
+        found = group_prefixes(d)
+    except ValueError as e:
+        raise CalibrationError(str(e)) from None
     if not found:
         raise CalibrationError(f"{d}: no <lang>.bin/.idx shards")
-    for idx in found:
-        prefix = idx.with_suffix("")
-        if not prefix.with_suffix(".bin").is_file():
-            raise CalibrationError(f"{idx}: {prefix.name}.bin is missing")
-        ds = IndexedDataset(str(prefix))
-        n = len(ds)
+    for lang, prefixes in found.items():
+        parts = [IndexedDataset(pre) for pre in prefixes]  # a language's parts, read as one in part order
+        starts = list(itertools.accumulate((len(ds) for ds in parts), initial=0))
+        n = starts[-1]
         if n < 2:
             raise CalibrationError(
-                f"{prefix}: {n} document(s); need 2 or more to keep eval and calibration apart"
+                f"{prefixes[0]}: {n} document(s); need 2 or more to keep eval and calibration apart"
             )
         held = min(EVAL_DOCS, n // 2)
         end = n if part == "eval" else n - held
         tail = range(max(0, end - min(per_lang, held if part == "eval" else per_lang)), end)
-        docs.ids.setdefault(prefix.name, []).extend([ds[i].astype("int64").tolist() for i in tail])
-        for f in (idx, prefix.with_suffix(".bin")):
-            docs.files[str(f)] = sha256_file(f)
+        at = [bisect.bisect_right(starts, j) - 1 for j in tail]
+        docs.ids.setdefault(lang, []).extend(
+            [parts[k][j - starts[k]].astype("int64").tolist() for k, j in zip(at, tail)]
+        )
+        for pre in prefixes:
+            for ext in (".idx", ".bin"):
+                docs.files[pre + ext] = sha256_file(pre + ext)
     if (d / "manifest.json").is_file():
         docs.files[str(d / "manifest.json")] = sha256_file(d / "manifest.json")
 

@@ -61,23 +61,26 @@ def documents(lang: str, n_docs: int, seed: int = 0) -> list[list[int]]:
 
 
 def write_toy_shards(out: str | Path, n_docs: int = 200, langs: tuple[str, ...] = ("ko", "en", "ja", "code"),
-                     seed: int = 0) -> Path:  # fmt: skip
-    """Write `<out>/shards/<lang>.bin/.idx`, `<out>/manifest.json`, `<out>/tokenizer/kmoe_tokenizer.json`."""
+                     seed: int = 0, parts: int = 1) -> Path:  # fmt: skip
+    """Write `<out>/shards/<lang>.bin/.idx` (or, with `parts` > 1, `<lang>-<part>.bin/.idx` holding contiguous
+    slices of the same documents), `<out>/manifest.json`, `<out>/tokenizer/kmoe_tokenizer.json`."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     out = Path(out)
     (out / "shards").mkdir(parents=True, exist_ok=True)
     files, counts = {}, {}
     for lang in langs:
-        prefix = out / "shards" / lang
-        builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
         docs = documents(lang, n_docs, seed)
-        for doc in docs:
-            builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
-        builder.finalize(str(prefix) + ".idx")
         counts[lang] = {"documents": len(docs), "tokens": sum(map(len, docs))}
-        for suffix in (".bin", ".idx"):
-            files[f"shards/{lang}{suffix}"] = sha256_file(str(prefix) + suffix)
+        for p in range(parts):
+            name = lang if parts == 1 else f"{lang}-{p:05d}"
+            prefix = out / "shards" / name
+            builder = IndexedDatasetBuilder(str(prefix) + ".bin", dtype=np.uint16)
+            for doc in docs[p * len(docs) // parts : (p + 1) * len(docs) // parts]:
+                builder.add_document(torch.tensor(doc, dtype=torch.int64), [len(doc)])
+            builder.finalize(str(prefix) + ".idx")
+            for suffix in (".bin", ".idx"):
+                files[f"shards/{name}{suffix}"] = sha256_file(str(prefix) + suffix)
     tok = out / "tokenizer"
     tok.mkdir(exist_ok=True)
     tok_info = {

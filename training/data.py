@@ -3,8 +3,13 @@
 The train stream is one BlendedDataset; global batch `b` is samples [b*G, (b+1)*G) of it, so the data
 position is a single integer (`batch_cursor`, in the checkpoint) and a resumed run reads exactly the batches
 an uninterrupted run would have read. Every rank reads the whole global batch (to hash it and count its loss
-tokens) and trains on its own contiguous slice. Validation uses one GPTDataset per language on the
+tokens) and trains on its own contiguous slice. Validation uses one dataset per language on the
 held-out ("valid") part of the document split.
+
+A language written in parts (`<lang>-<part>.bin/.idx`, data_prep/parts.py) enters megatron's blend as one
+prefix per part, its weight split over the parts by tokens; each entry's language is kept beside the blend,
+so a sample's `dataset_id` still names its language. The stream is a function of the shard files (which the
+manifest root pins) and the config, so a sample index identifies the same tokens on every rerun and replay.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from typing import Any
 import torch
 
 from data_prep.blend import build_gpt_datasets
+from data_prep.parts import group_prefixes, split_weight
 from data_prep.shards import MegatronTokenizerInfo
 from kmoe.hashing import sha256_file, tensor_digest
 
@@ -47,16 +53,29 @@ class GlobalBatch:
         return tensor_digest(text)
 
 
-def shard_prefixes(shards: Path) -> dict[str, str]:
-    """Language -> megatron path prefix, from `<shards>/shards/<lang>.idx` or `<shards>/<lang>.idx`."""
+def shard_prefixes(shards: Path) -> dict[str, list[str]]:
+    """Language -> its megatron path prefixes in part order, from `<shards>/shards/*.idx` or `<shards>/*.idx`
+    (`<lang>-<part>` parts, or one `<lang>` shard as builds before parts wrote)."""
     for folder in (shards / "shards", shards):
-        found = {p.stem: str(p.with_suffix("")) for p in sorted(folder.glob("*.idx"))}
+        try:
+            found = group_prefixes(folder)
+        except ValueError as e:
+            raise ValueError(f"data.shards: {e}") from None
         if found:
-            missing = [lang for lang, pre in found.items() if not Path(pre + ".bin").is_file()]
-            if missing:
-                raise ValueError(f"data.shards: {folder}/{missing[0]}.bin missing beside its .idx")
             return found
     raise ValueError(f"data.shards: no <lang>.bin/.idx shards under {shards} or {shards}/shards")
+
+
+def part_tokens(prefixes: list[str]) -> list[int]:
+    """Tokens in each shard (read from its .idx alone)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens = []
+    for pre in prefixes:
+        ds = IndexedDataset(pre)  # keep it alive while its memory map is read
+        tokens.append(int(ds.sequence_lengths.sum()))
+        del ds
+    return tokens
 
 
 def read_special_ids(cfg: RunConfig) -> tuple[int, int, str]:
@@ -89,17 +108,10 @@ def manifest_info(shards: Path) -> dict[str, Any]:
     }
 
 
-def blend_weights(cfg: RunConfig, prefixes: dict[str, str]) -> dict[str, float]:
+def blend_weights(cfg: RunConfig, prefixes: dict[str, list[str]]) -> dict[str, float]:
     """Config blend (language -> weight), or token shares when the blend is empty; sorted by language."""
     if not cfg.data.blend:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        shares = {}
-        for lang, pre in sorted(prefixes.items()):
-            ds = IndexedDataset(pre)  # keep it alive while its memory map is read
-            shares[lang] = float(ds.sequence_lengths.sum())
-            del ds
-        return shares
+        return {lang: float(sum(part_tokens(pres))) for lang, pres in sorted(prefixes.items())}
     unknown = sorted(set(cfg.data.blend) - set(prefixes))
     if unknown:
         raise ValueError(
@@ -112,9 +124,23 @@ def blend_weights(cfg: RunConfig, prefixes: dict[str, str]) -> dict[str, float]:
     return weights
 
 
+def part_blend(
+    prefixes: dict[str, list[str]], weights: dict[str, float]
+) -> tuple[list[str], list[float], list[str]]:
+    """megatron's blend over every part (a language's weight split by tokens) and the language of each entry,
+    so a sample's `dataset_id` names its language."""
+    flat, flat_w, langs = [], [], []
+    for lang, w in weights.items():
+        pres = prefixes[lang]
+        flat += pres
+        flat_w += split_weight(w, part_tokens(pres)) if len(pres) > 1 else [w]
+        langs += [lang] * len(pres)
+    return flat, flat_w, langs
+
+
 def check_sources(
     cfg: RunConfig,
-) -> tuple[dict[str, str], dict[str, float], tuple[int, int, str], dict[str, Any]]:
+) -> tuple[dict[str, list[str]], dict[str, float], tuple[int, int, str], dict[str, Any]]:
     """(shard prefixes, blend weights, tokenizer special ids, manifest info) of `data.*`, without building an
     index; a ValueError names the key. `kmoe launch` runs it before submitting a job."""
     shards = Path(cfg.data.shards)
@@ -142,8 +168,8 @@ class TrainData:
         self.prefixes, self.weights, (eod, pad, tok_id), self.manifest = check_sources(cfg)
         self.langs = list(self.weights)
         self.tokenizer = MegatronTokenizerInfo(cfg.model.vocab_size, eod, pad, tok_id)
-        blend = ([self.prefixes[lang] for lang in self.langs], [self.weights[lang] for lang in self.langs])
-        self.train = _build(cfg, self.tokenizer, blend, [samples_needed(cfg), 0, 0])[0]
+        flat, flat_w, self.dataset_langs = part_blend(self.prefixes, self.weights)
+        self.train = _build(cfg, self.tokenizer, (flat, flat_w), [samples_needed(cfg), 0, 0])[0]
         if self.train is None:
             raise ValueError(f"data.split: {cfg.data.split!r} leaves no training documents")
         self.num_batches = len(self.train) // cfg.train.global_batch_size
@@ -177,7 +203,7 @@ class TrainData:
         if bad:
             raise ValueError(f"data: sample {bad[0]} is outside the {len(self.train)} indexed train samples")
         items = [self.train[i] for i in idx]
-        langs = [self.langs[int(it["dataset_id"])] if "dataset_id" in it else self.langs[0] for it in items]
+        langs = [self.dataset_langs[int(it.get("dataset_id", 0))] for it in items]
         batch = GlobalBatch(
             index=index,
             sample_indices=idx,
@@ -195,7 +221,9 @@ class TrainData:
             n = self.cfg.train.eval_batches * self.cfg.train.micro_batch_size
             self._valid = {}
             for lang in self.langs:
-                ds = _build(self.cfg, self.tokenizer, ([self.prefixes[lang]], None), [0, n, 0])[1]
+                pres = self.prefixes[lang]
+                blend = (pres, split_weight(1.0, part_tokens(pres)) if len(pres) > 1 else None)
+                ds = _build(self.cfg, self.tokenizer, blend, [0, n, 0])[1]
                 if ds is None:
                     log.warning(
                         "data.split %s leaves no validation documents for %s", self.cfg.data.split, lang

@@ -193,23 +193,37 @@ def test_shards_hold_every_kept_doc_with_eod(built):
     _, out, manifest, _, _ = built
     tok = ByteTokenizer()
     for lang in ("ko", "en", "ja"):
-        ds = IndexedDataset(str(out / "shards" / lang))
+        shard = shard_docs(out, lang)
         docs = [r["text"] for r in read_all(out, "kept") if r["lang"] == lang]
-        assert len(ds) == len(docs) == manifest["counts"][lang]["docs"]
-        got = sorted(tok.decode(ds[i][:-1].tolist()) for i in range(len(ds)))
-        assert got == sorted(docs)
-        assert all(int(ds[i][-1]) == tok.eos_id and int(ds[i][0]) == tok.bos_id for i in range(len(ds)))
-        assert ds[0].dtype == np.uint16
+        assert len(shard) == len(docs) == manifest["counts"][lang]["docs"]
+        assert [tok.decode(d[:-1].tolist()) for d in shard] == docs  # kept order, across the parts
+        assert all(int(d[-1]) == tok.eos_id and int(d[0]) == tok.bos_id for d in shard)
+        assert shard[0].dtype == np.uint16
+    parts = manifest["counts"]["ko"]["parts"]  # 2 tasks: 2 parts, each in the manifest with its hashes
+    assert [p["prefix"] for p in parts] == ["shards/ko-00000", "shards/ko-00001"]
+    assert all(manifest["files"][p["prefix"] + ".idx"] == p["sha256"]["idx"] for p in parts)
+    assert IndexedDataset(str(out / parts[0]["prefix"])) is not None
+
+
+def shard_docs(out: Path, lang: str) -> list:
+    """A language's documents, its parts read in part order."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from data_prep.parts import group_prefixes
+
+    # copies: a document is a view of its memory map, which closes with the IndexedDataset
+    return [np.array(ds[i]) for pre in group_prefixes(out / "shards")[lang] for ds in [IndexedDataset(pre)] for i in range(len(ds))]  # fmt: skip
 
 
 def test_shards_load_in_gpt_dataset_with_3_way_blend(built):
     from data_prep.blend import gpt_datasets
 
     _, out, manifest, _, _ = built
-    assert manifest["blend"]["prefixes"] == ["shards/en", "shards/ja", "shards/ko"]
+    prefixes = manifest["blend"]["prefixes"]
+    assert prefixes == [f"shards/{lang}-{p:05d}" for lang in ("en", "ja", "ko") for p in (0, 1)]
     train, _, _ = gpt_datasets(out, seq_len=32, num_samples=[200, 0, 0], split="100,0,0")
-    counts = collections.Counter(int(train.dataset_index[i]) for i in range(200))
-    assert counts == {0: 60, 1: 40, 2: 100}  # en 0.3, ja 0.2, ko 0.5
+    counts = collections.Counter(prefixes[int(train.dataset_index[i])][7:9] for i in range(200))
+    assert counts == {"en": 60, "ja": 40, "ko": 100}  # en 0.3, ja 0.2, ko 0.5 over each language's parts
     sample = train[0]
     assert sample["tokens"].shape[0] == 32 and int(sample["tokens"].max()) < ByteTokenizer.vocab_size
 
@@ -217,12 +231,31 @@ def test_shards_load_in_gpt_dataset_with_3_way_blend(built):
 def test_rerun_is_byte_identical_whatever_the_worker_count(built):
     _, out_a, manifest_a, out_b, manifest_b = built
     assert manifest_a["root_hash"] == manifest_b["root_hash"]
-    for lang in ("ko", "en", "ja"):
-        for ext in (".bin", ".idx"):
-            assert (out_a / "shards" / f"{lang}{ext}").read_bytes() == (
-                out_b / "shards" / f"{lang}{ext}"
-            ).read_bytes()
+    shards = sorted(p.name for p in (out_a / "shards").glob("*.[bi][id][nx]"))
+    assert shards == sorted(p.name for p in (out_b / "shards").glob("*.[bi][id][nx]")) and len(shards) == 12
+    for name in shards:
+        assert (out_a / "shards" / name).read_bytes() == (out_b / "shards" / name).read_bytes()
     assert manifest_a["files"] == manifest_b["files"]
+
+
+def test_tokens_per_language_do_not_depend_on_the_task_count(built):
+    """3 shard tasks instead of 2: other parts, the same documents in the same order per language."""
+    root, out_a, manifest_a, _, _ = built
+    cfg = config(root / "in")
+    cfg.executor.tasks = 3
+    manifest = build(cfg, root / "out_3", tokenizer=ByteTokenizer())
+    for lang in ("ko", "en", "ja"):
+        assert len(manifest["counts"][lang]["parts"]) == 3
+        assert [d.tolist() for d in shard_docs(root / "out_3", lang)] == [
+            d.tolist() for d in shard_docs(out_a, lang)
+        ]
+        drop = ("parts",)
+        assert {k: v for k, v in manifest["counts"][lang].items() if k not in drop} == {
+            k: v for k, v in manifest_a["counts"][lang].items() if k not in drop
+        }
+    assert json.loads((root / "out_3" / "stats.json").read_text()) == json.loads(
+        (out_a / "stats.json").read_text()
+    )
 
 
 def test_changing_one_document_changes_the_root(built):
@@ -233,8 +266,9 @@ def test_changing_one_document_changes_the_root(built):
     docs.write_bytes(docs.read_bytes().replace(b"opens at nine", b"opens at ten"))
     manifest_c = build(config(changed), root / "out_c", tokenizer=ByteTokenizer())
     assert manifest_c["root_hash"] != manifest_a["root_hash"]
-    assert manifest_c["files"]["shards/en.bin"] != manifest_a["files"]["shards/en.bin"]
-    assert manifest_c["files"]["shards/ko.bin"] == manifest_a["files"]["shards/ko.bin"]
+    shard_files = lambda m, lang: [v for k, v in m["files"].items() if k.startswith(f"shards/{lang}-")]  # noqa: E731
+    assert shard_files(manifest_c, "en") != shard_files(manifest_a, "en")
+    assert shard_files(manifest_c, "ko") == shard_files(manifest_a, "ko")
 
 
 def test_relaunch_skips_finished_tasks_and_refuses_another_config(built):

@@ -26,7 +26,7 @@ def test_shard_eod_and_token_budget(tmp_path):
     _kept(tmp_path, "ko", ["가나", "다라마", "바"])  # 6, 9, 3 bytes (+BOS +EOD each)
     counts, totals = write_language_shard(tmp_path, "ko", ByteTokenizer(), max_tokens=13)
     assert counts.kept == 2 and counts.removed == {"over_token_budget": 1} and totals["tokens"] == 13
-    ds = IndexedDataset(str(tmp_path / "shards" / "ko"))
+    ds = IndexedDataset(str(tmp_path / "shards" / "ko-00000"))
     assert len(ds) == 2 and ds[0].tolist() == [256, *"가나".encode(), 257]
     assert token_dtype(259).__name__ == "uint16" and token_dtype(100_000).__name__ == "int32"
 

@@ -43,7 +43,7 @@ def test_stage_graph_trains_tokenizer_before_shards(tmp_path):
         ("dedup-clusters", ["ClusterTask"], 1),
         ("dedup", ["TextPartReader", "DedupFilter", "KeptWriter"], 3),
         ("tokenizer", ["TrainTokenizerStep"], 1),
-        ("shards", ["ShardStep"], 4),
+        ("shards", ["ShardStep"], 3),
         ("finalize", ["FinalizeStep"], 1),
     ]
 
@@ -56,7 +56,7 @@ def test_slurm_executors_chain_stages(tmp_path):
     for name, pipe, tasks, workers in stages(cfg, tmp_path, ["/tmp"], None):
         chain.append(_executor(cfg, tmp_path, name, pipe, tasks, workers, chain[-1] if chain else None))
     assert all(isinstance(ex, SlurmPipelineExecutor) for ex in chain)
-    assert [ex.world_size for ex in chain] == [3, 3, 3, 3, 1, 3, 1, 4, 1]
+    assert [ex.world_size for ex in chain] == [3, 3, 3, 3, 1, 3, 1, 3, 1]
     assert all(b.depends is a for a, b in zip(chain, chain[1:]))
     assert Path(chain[0].logging_dir.path).name == "text"
 

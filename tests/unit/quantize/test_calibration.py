@@ -35,13 +35,17 @@ def test_bad_mix_is_refused(spec):
         C.parse_mix(spec)
 
 
-def test_megatron_shards_are_read_from_the_tail(tmp_path):
+def _shard(prefix, docs):
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-    b = IndexedDatasetBuilder(str(tmp_path / "ko.bin"), dtype=np.int32)
-    for i in range(10):
+    b = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for i in docs:
         b.add_document(torch.tensor([i, i + 1, 2], dtype=torch.int32), [3])
-    b.finalize(str(tmp_path / "ko.idx"))
+    b.finalize(f"{prefix}.idx")
+
+
+def test_megatron_shards_are_read_from_the_tail(tmp_path):
+    _shard(tmp_path / "ko", range(10))
     docs = C.read_docs([tmp_path], shard_docs=3)
     assert docs.ids["ko"] == [[7, 8, 2], [8, 9, 2], [9, 10, 2]]
     assert len(C.read_docs([tmp_path]).ids["ko"]) == 5  # eval holds at most half of a small shard
@@ -49,6 +53,14 @@ def test_megatron_shards_are_read_from_the_tail(tmp_path):
     assert calib.ids["ko"] == [[2, 3, 2], [3, 4, 2], [4, 5, 2]]
     assert len(C.read_docs([tmp_path], part="calib").ids["ko"]) == 5
     assert set(map(lambda p: p.rsplit("/", 1)[1], docs.files)) == {"ko.bin", "ko.idx"}
+
+
+def test_shard_parts_are_read_as_one_language(tmp_path):
+    """`<lang>-<part>` shards (the shards stage's tasks): the tail of the language, across parts."""
+    for p, docs in enumerate((range(0, 4), range(4, 8), range(8, 10))):
+        _shard(tmp_path / f"ko-{p:05d}", docs)
+    assert C.read_docs([tmp_path], shard_docs=3).ids["ko"] == [[7, 8, 2], [8, 9, 2], [9, 10, 2]]
+    assert C.read_docs([tmp_path], shard_docs=3, part="calib").ids["ko"] == [[2, 3, 2], [3, 4, 2], [4, 5, 2]]
 
 
 def test_mix_sets_the_share_of_sequences(tiny_hf):

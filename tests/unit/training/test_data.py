@@ -31,6 +31,18 @@ def test_deterministic_blend_and_batch_hash(shards):
     assert ba.tokens_GS.shape == (8, 32) and (ba.labels_GS[:, :-1] == ba.tokens_GS[:, 1:]).all()
 
 
+def test_language_in_parts_reads_as_one_language(shards, tmp_path):
+    """Shards written in parts (the shards stage's tasks) blend as their languages: same language shares,
+    one validation set per language, batches that are a function of the files (same hash on a rebuild)."""
+    parted = write_toy_shards(tmp_path / "parts", n_docs=80, parts=3)
+    a, b = data(parted, "data.blend={ko: 0.5, en: 0.5}"), data(parted, "data.blend={ko: 0.5, en: 0.5}")
+    assert [len(p) for p in a.prefixes.values()] == [3, 3, 3, 3]
+    langs = [lang for i in range(10) for lang in a.global_batch(i).langs]
+    assert set(langs) == {"ko", "en"} and abs(langs.count("ko") - 40) <= 3
+    assert a.global_batch(5).sha256 == b.global_batch(5).sha256
+    assert sorted(data(parted).valid_sets()) == ["code", "en", "ja", "ko"]
+
+
 def test_valid_sets_per_language(shards):
     d = data(shards)
     assert set(d.valid_sets()) == {"ko", "en", "ja", "code"}
