@@ -62,6 +62,8 @@ def time_steps(cfg, roots: list[str], out: Path) -> tuple[list[tuple[str, float,
         step.setup()
         size, counts, kept = mb(docs), StepCounts(), []
         t0 = time.process_time()
+        if isinstance(step, DedupStep):
+            step.prepare(docs)  # a document's fate depends on all the others: decided first, timed with it
         for d in docs:
             r = step.apply(d, counts)
             if not isinstance(r, Drop):

@@ -41,14 +41,14 @@ def count_lines(path: Path) -> int:
 
 
 def file_counts(out_dir: Path, lang: str, files: list[Path]) -> list[int]:
-    """Records per kept file: from `work/kept_index/<lang>.json` ({file name: records}) when the kept-corpus
-    writer left one covering every file, else counted (each shards task then decompresses the language once;
-    at scale the writer should leave the index)."""
-    index_path = Path(out_dir) / "work" / "kept_index" / f"{lang}.json"
-    if index_path.is_file():
-        index = json.loads(index_path.read_text())
-        if all(f.name in index for f in files):
-            return [int(index[f.name]) for f in files]
+    """Records per kept file: from `work/kept_index/<lang>/<task>.json` ({file name: records}, written by each
+    dedup task beside its kept files) when they cover every file, else counted (each shards task then
+    decompresses the language once)."""
+    index: dict[str, int] = {}
+    for part in sorted((Path(out_dir) / "work" / "kept_index" / lang).glob("*.json")):
+        index.update(json.loads(part.read_text()))
+    if all(f.name in index for f in files):
+        return [int(index[f.name]) for f in files]
     return [count_lines(f) for f in files]
 
 

@@ -66,6 +66,7 @@ class KeptWriter(PipelineStep):
         writers: dict[str, JsonlGzWriter] = {}
         shard_no: dict[str, int] = defaultdict(int)
         counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        files: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         root = Path(self.out_dir) / "corpus" / "kept"
         try:
             for doc in data:
@@ -80,8 +81,12 @@ class KeptWriter(PipelineStep):
                     )
                 w.write(doc.record())
                 counts[doc.lang][doc.source] += 1
+                files[doc.lang][w.path.name] += 1
         finally:
             for w in writers.values():
                 w.close()
-        write_json(Path(self.out_dir) / "work" / "kept_counts" / f"{rank:05d}.json", counts)
+        work = Path(self.out_dir) / "work"
+        write_json(work / "kept_counts" / f"{rank:05d}.json", counts)
+        for lang, per_file in files.items():  # records per kept file: shards tasks find their range without reading
+            write_json(work / "kept_index" / lang / f"{rank:05d}.json", per_file)
         return iter(())

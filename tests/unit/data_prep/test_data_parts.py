@@ -112,7 +112,7 @@ def test_kept_index_gives_the_same_parts_as_counting(tmp_path, monkeypatch):
 
     counted = _build(tmp_path / "counted", 3)
     for lang, texts in TEXTS.items():  # what a kept-corpus writer would record: records per file
-        write_json(tmp_path / "indexed" / "work" / "kept_index" / f"{lang}.json",
+        write_json(tmp_path / "indexed" / "work" / "kept_index" / lang / "00000.json",
                    {"00000.jsonl.gz": len(texts[:4]), "00001.jsonl.gz": len(texts[4:])})  # fmt: skip
     monkeypatch.setattr(data_prep.parts, "count_lines", lambda path: pytest.fail(f"counted {path}"))
     assert _build(tmp_path / "indexed", 3) == counted
