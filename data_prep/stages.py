@@ -87,6 +87,9 @@ class KeptWriter(PipelineStep):
                 w.close()
         work = Path(self.out_dir) / "work"
         write_json(work / "kept_counts" / f"{rank:05d}.json", counts)
-        for lang, per_file in files.items():  # records per kept file: shards tasks find their range without reading
+        for (
+            lang,
+            per_file,
+        ) in files.items():  # records per kept file: shards tasks find their range without reading
             write_json(work / "kept_index" / lang / f"{rank:05d}.json", per_file)
         return iter(())
