@@ -74,8 +74,8 @@ def launch(d: Path) -> str:
     ledger = d / "runs/toy-slurm/ledger.jsonl"
     if not ledger.is_file():
         return "sbatch script rendered and checked (no local SLURM here)"
-    kinds = [r.get("kind") for r in _jsonl(ledger)]
-    return f"toy job preempted and requeued {kinds.count('resume')} time(s), ledger verified"
+    resumes = sum(r.get("kind") == "event" and r.get("event") == "resume" for r in _jsonl(ledger))
+    return f"toy job preempted, requeued and resumed {resumes} time(s); ledger verified"
 
 
 FIGURES: dict[str, Callable[[Path], str]] = {
