@@ -26,6 +26,14 @@ WARNINGS: tuple[tuple[str, type[Warning], str], ...] = (
      "megatron-core, printed once per process that imports it (every rank, every data worker); the datasets "
      "kmoe reads through it need neither. An engine that runs megatron-core's fused layers on GPUs should say "
      "once itself when TE/Apex are missing"),
+    ("Apex is not installed. Falling back to Torch Norm", UserWarning,
+     "megatron-core's local layer spec, which the megatron engine builds when TransformerEngine is absent "
+     "(docs/megatron.md); its norms are the ones kmoe's model computes"),
+    ("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed", UserWarning,
+     "megatron-core's optimizer probes `main_grad`/`grad` on every parameter while it builds its groups; "
+     "megatron's DDP keeps gradients in `main_grad`, so the probe's miss is expected"),
+    ("full scope is deprecated", UserWarning,
+     "megatron-core's own TransformerConfig default (cuda_graph_scope), not a setting kmoe passes"),
     ("Attempting to save a model with offloaded modules", UserWarning,
      "transformers, when GPTQ saves: llm-compressor's sequential pipeline marks modules as offloaded to the CPU, "
      "where the whole model already is; no disk offload is involved"),

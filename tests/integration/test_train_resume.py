@@ -75,9 +75,8 @@ def wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: flo
             raise AssertionError(f"trainer exited early ({proc.returncode}): {proc.stdout.read()[-3000:]}")
         if metrics.is_file():
             text = metrics.read_text()
-            done = [
-                json.loads(x).get("step", 0) for x in text.splitlines() if '"loss"' in x and "event" not in x
-            ]
+            whole = text.split("\n")[:-1]  # the trainer may be writing the last line right now
+            done = [json.loads(x).get("step", 0) for x in whole if '"loss"' in x and "event" not in x]
             if done and max(done) >= step and '"checkpoint"' in text:
                 return max(done)
         time.sleep(0.002)

@@ -10,6 +10,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for megatron_cpu
 
+from kmoe import quiet  # noqa: E402
+
+quiet.install()  # before megatron-core is imported here: its known import-time warnings, as `kmoe` filters them
+
 import megatron_cpu  # noqa: E402
 
 megatron_cpu.install()

@@ -108,12 +108,11 @@ def _blocks(cfg, built, state: dict[str, torch.Tensor]):
     return [(name, off, blk.detach().float().cpu().clone()) for name, off, blk in blocks]  # own storage each
 
 
-def _assemble_on_rank0(blocks, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
-    """Every rank's blocks put together into whole tensors on rank 0 (empty elsewhere); an element that no
-    rank holds is an error naming the tensor."""
-    world, rank = dist.get_world_size(), dist.get_rank()
-    got: list[Any] = [None] * world if rank == 0 else []
-    dist.gather_object(blocks, got if rank == 0 else None, dst=0)
+def _assemble(blocks, shapes: dict[str, tuple]) -> dict[str, torch.Tensor]:
+    """Every rank's blocks put together into whole tensors on every rank; an element that no rank holds is an
+    error naming the tensor."""
+    got: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(got, blocks)
     full: dict[str, torch.Tensor] = {}
     seen: dict[str, torch.Tensor] = {}
     for name, off, blk in (b for part in got for b in part):
@@ -144,17 +143,23 @@ def _param_groups(cfg) -> list[dict]:
 
 
 def full_state(cfg, built) -> dict[str, Any]:
-    """{"model": kmoe state, "optimizer": native AdamW format}, complete on rank 0 (collective)."""
+    """{"model": kmoe state, "optimizer": native AdamW format}, whole on every rank (collective).
+
+    Every rank returns every tensor: the trainer's sharded checkpoint (training/checkpoint.py) writes each once
+    (DCP deduplicates replicated tensors) and, on load, fills in place exactly the keys this returns, so before
+    the first step the AdamW slots are zeros at step 0 (what the first step would start from) rather than
+    absent. At scale megatron's own dist_checkpointing (dist_ckpt.py) avoids the whole copies."""
     shapes = expected_shapes(cfg.model)
     local, step = _local_param_state(built)
     weights = _weights(built, local)
-    model = _assemble_on_rank0(_blocks(cfg, built, weights), shapes)
+    model = dict(sorted(_assemble(_blocks(cfg, built, weights), shapes).items()))
     moments = {}
     for key in MOMENTS if step is not None else ():
-        moments[key] = _assemble_on_rank0(_blocks(cfg, built, {n: d[key] for n, d in local.items()}), shapes)
-    if dist.get_rank() != 0:
-        return {"model": {}, "optimizer": {"state": {}, "param_groups": []}}
-    model = dict(sorted(model.items()))  # fp32 weights (bf16 runs: the fp32 masters), as the native engine
+        moments[key] = _assemble(_blocks(cfg, built, {n: d[key] for n, d in local.items()}), shapes)
+    if step is None:  # no step yet: AdamW's starting state, so a checkpoint's slots have somewhere to load
+        params = {n for n in model if not n.endswith("expert_bias")}
+        moments = {key: {n: torch.zeros_like(model[n]) for n in params} for key in MOMENTS}
+        step = 0.0
     opt_state = {
         n: {"step": torch.tensor(step), **{k: moments[k][n] for k in MOMENTS}}
         for n in moments.get("exp_avg", {})
