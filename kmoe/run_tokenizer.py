@@ -87,7 +87,8 @@ def candidate_dirs(checkpoint: Path) -> list[Path]:
     found = []
     manifest = shards / "manifest.json"
     if manifest.is_file():
-        rel = (json.loads(manifest.read_text()).get("tokenizer") or {}).get("path")
+        entry = json.loads(manifest.read_text()).get("tokenizer")
+        rel = entry.get("path") if isinstance(entry, dict) else None  # some manifests record only a digest
         if rel:
             found.append(shards / rel)
     return [*found, shards / "tokenizer"]

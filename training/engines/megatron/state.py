@@ -137,9 +137,13 @@ def _param_groups(cfg) -> list[dict]:
     """The native engine's AdamW param groups (training/optim.py), with kmoe parameter names."""
     with torch.device("meta"):
         model = MoETransformer(cfg.model)
-    groups = optim.build_optimizer(model, cfg.train).state_dict()["param_groups"]
-    order = [n for n, _ in model.named_parameters()]
-    return [{**g, "params": [order[i] for i in g["params"]]} for g in groups]
+    opt = optim.build_optimizer(model, cfg.train)
+    names = {id(p): n for n, p in model.named_parameters()}
+    # the state dict numbers parameters in optimizer order (group by group), not in the model's order
+    return [
+        {**saved, "params": [names[id(p)] for p in live["params"]]}
+        for saved, live in zip(opt.state_dict()["param_groups"], opt.param_groups, strict=True)
+    ]
 
 
 def full_state(cfg, built) -> dict[str, Any]:
