@@ -36,7 +36,7 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     # Balancing defaults for short, high-lr runs (docs/training.md "Expert balance"): DeepSeek-V3's values for a
     # 100B-scale run are 1e-3 and 1e-4 (configs/model/solar100b.yaml); at 1e-3/0 the tiny demo's experts die early.
-    bias_update_rate: float = 1e-2  # aux-loss-free balancing step (DeepSeek-V3 gamma); 0 disables
+    bias_update_rate: float = 2e-2  # aux-loss-free balancing step (DeepSeek-V3 gamma); 0 disables
     balance_loss_coeff: float = 1e-3  # sequence-level balance loss (alpha); 0 disables
     z_loss_coeff: float = 0.0  # router z-loss; 0 disables
     moe_impl: Literal["auto", "grouped_mm", "loop"] = "auto"

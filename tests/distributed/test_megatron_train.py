@@ -83,7 +83,7 @@ def test_two_rank_megatron_takes_the_native_steps(shards, native, tmp_path, layo
     assert sorted(got) == list(range(1, STEPS + 1)) == sorted(ref)
     worst = max(abs(got[s] - ref[s]) / ref[s] for s in ref)
     assert worst <= TOL[layout], {s: (got[s], ref[s]) for s in ref}
-    rate = 1e-3  # configs/model/tiny.yaml bias_update_rate
+    rate = 1e-3  # the bias_update_rate overrides() pins
     for step in (5, STEPS):
         mine, theirs = router_bias(tmp_path, step), router_bias(native, step)
         assert set(mine) == set(theirs) and all(v.abs().max() > 0 for v in mine.values())
