@@ -78,9 +78,27 @@ def launch(d: Path) -> str:
     return f"toy job preempted, requeued and resumed {resumes} time(s); ledger verified"
 
 
+def _engine_run(d: Path, run: str, what: str) -> str:
+    rows = [
+        r
+        for r in _jsonl(d / "runs" / run / "metrics.jsonl")
+        if "loss" in r and "step" in r and "event" not in r
+    ]
+    return f"{what}: {rows[-1]['step']} steps, train loss {rows[0]['loss']:.2f} -> {rows[-1]['loss']:.2f}; ledger verified"
+
+
+def megatron(d: Path) -> str:
+    return _engine_run(d, "tiny-megatron", "megatron-core GPTModel") + "; replayed bit for bit"
+
+
+def deepspeed(d: Path) -> str:
+    return _engine_run(d, "tiny-zero3", "ZeRO-3 on 2 ranks")
+
+
 FIGURES: dict[str, Callable[[Path], str]] = {
     "demo-model": model, "demo-data": data, "demo-tokenizer": tokenizer, "demo-train": train,
-    "demo-audit": audit, "demo-quantize": quantize, "demo-launch": launch,
+    "demo-audit": audit, "demo-quantize": quantize, "demo-launch": launch, "demo-megatron": megatron,
+    "demo-deepspeed": deepspeed,
 }  # fmt: skip
 
 
