@@ -119,7 +119,10 @@ def test_with_clipping_zero_differs_from_native_only_by_the_norm_accumulation(na
         got = zero_runs[name]
         # step 2 already follows the first clipped update (Adam's first step is nearly a sign step)
         assert got["loss"][:2] == native_clip["loss"][:2]
-        assert got["load"][:3] == native_clip["load"][:3]
+        assert (
+            got["load"][:2] == native_clip["load"][:2]
+        )  # step 3 follows the first differing update: a route
+        # may flip there (measured: 1 of 4,096 routes with the bias step 0.02)
         assert got["grad_norm"][0] == pytest.approx(native_clip["grad_norm"][0], rel=1e-4)
         pairs = zip(got["loss"][:7], native_clip["loss"][:7], strict=True)
         for step, (mine, ref) in enumerate(pairs, start=1):
